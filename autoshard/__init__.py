@@ -1,0 +1,25 @@
+"""autoshard: annotate a few tensors, get a correct many-device JAX program and a report.
+
+>>> import autoshard as ash
+>>> from jax.sharding import PartitionSpec as P
+>>> mesh = ash.make_mesh("data=2,model=4")                                  # doctest: +SKIP
+>>> step = ash.parallelize(train_step, mesh=mesh, in_specs=(params_specs, None, P("data")))  # doctest: +SKIP
+"""
+from .compiler.mesh import abstract_mesh, make_mesh
+from .compiler.ops.constraint import constrain
+from .errors import (MeshError, PlanningOnlyError, ShardingError, SpecError,
+                     UnsupportedPrimitiveError)
+from .runtime.executable import ParallelFunction, parallelize
+
+__all__ = [
+    "make_mesh", "abstract_mesh", "parallelize", "constrain", "ParallelFunction",
+    "ShardingReport", "ShardingError", "MeshError", "SpecError", "UnsupportedPrimitiveError",
+    "PlanningOnlyError",
+]
+
+
+def __getattr__(name):
+    if name == "ShardingReport":
+        from .compiler.report import ShardingReport
+        return ShardingReport
+    raise AttributeError(name)

@@ -1,0 +1,205 @@
+"""Factor-level propagation step for one equation (Shardy's projection, merge, project back).
+
+1. *Project* each known tensor layout onto the op's factors: a dim made of factors (6)(4)
+   split over ``[x, y]`` gives ``x`` to the major factor and ``y`` to the minor one only once
+   the major factor is fully split.
+2. *Merge* per factor into candidate assignments: the longest of prefix-compatible lists, the
+   list of the highest-priority tensor (user annotations first) on conflict, each tensor's own
+   projection, and "nothing split". A mesh axis may serve one factor only: conflicts become
+   variants, one per factor that could keep the axis.
+3. *Cost* every candidate with the alpha-beta model: reshards of operands into the layouts
+   the candidate needs, reshards of results from the layouts it produces into the layouts
+   already chosen for them (partials priced as their reduction), plus per-device compute as a
+   tie-breaker that prefers splitting work.
+4. *Project back* the cheapest assignment onto every tensor.
+
+>>> # x[8,16] @ w[16,32] with x S(0) on data and w S(1) on model:
+>>> # factors m:8 k:16(sum) n:32 -> assignment m=(data,) k=() n=(model,)
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+from .layout import Layout
+from .planner import reshard_time
+
+# Seconds per unit of per-device work, a tie-breaker only: comm cost dominates any real choice.
+COMPUTE_SECONDS_PER_POINT = 1e-13
+
+Assignment = tuple  # tuple[tuple[str, ...], ...], one entry per factor
+
+
+@dataclass
+class Tensor:
+    """One operand or result of the equation, as the chooser sees it."""
+    dims: tuple                   # per dim: factor ids (major -> minor)
+    shape: tuple
+    itemsize: int
+    layout: Layout | None         # current layout, None if not decided yet
+    priority: int = 1             # 0 = user annotation (closed), 1 = propagated
+    is_result: bool = False
+    accumulator: bool = False     # scatter-add operand: must carry the result's partial
+    keep_partial: tuple = ()      # (axis, op) pairs this operand passes through to the results
+
+
+def project(dims, layout: Layout, sizes, axis_sizes) -> dict[int, tuple[str, ...]]:
+    out: dict[int, list] = {}
+    for fids, axes in zip(dims, layout.dims):
+        if not axes or not fids:
+            continue
+        k, rem = 0, sizes[fids[0]]
+        for a in axes:
+            n = axis_sizes[a]
+            while rem == 1 and k + 1 < len(fids):
+                k += 1
+                rem = sizes[fids[k]]
+            if rem % n != 0:
+                break
+            out.setdefault(fids[k], []).append(a)
+            rem //= n
+    return {f: tuple(v) for f, v in out.items()}
+
+
+def project_back(assignment: Assignment, dims, sizes, axis_sizes) -> tuple | None:
+    """Layout dims of one tensor under ``assignment``; None when a minor factor is split
+    while a more major factor of the same dim is not fully split (not expressible)."""
+    out = []
+    for fids in dims:
+        axes: tuple = ()
+        for i, f in enumerate(fids):
+            fa = assignment[f]
+            if fa and i > 0:
+                prev = fids[i - 1]
+                if math.prod(axis_sizes[a] for a in assignment[prev]) != sizes[prev]:
+                    return None
+            axes += fa
+        out.append(axes)
+    return tuple(out)
+
+
+def _prefix_compatible(a, b):
+    n = min(len(a), len(b))
+    return a[:n] == b[:n]
+
+
+def _merge(lists_with_priority):
+    """Longest list if all are prefix-compatible; else the best-priority list (common prefix
+    of the tied best ones)."""
+    lists = [l for l, _ in lists_with_priority]
+    longest = max(lists, key=len)
+    if all(_prefix_compatible(l, longest) for l in lists):
+        return longest
+    best = min(p for _, p in lists_with_priority)
+    top = [l for l, p in lists_with_priority if p == best]
+    common = top[0]
+    for l in top[1:]:
+        n = 0
+        while n < min(len(common), len(l)) and common[n] == l[n]:
+            n += 1
+        common = common[:n]
+    return common
+
+
+def _legalize(assignment, sizes, kinds, axis_sizes, reserved) -> list[Assignment]:
+    """Drop axes on replicate factors and reserved axes, truncate at non-dividing axes, and
+    split axis conflicts into variants (each claimant keeps the axis once)."""
+    clean = []
+    for f, axes in enumerate(assignment):
+        if kinds[f] == "replicate":
+            clean.append(())
+            continue
+        kept, rem = [], sizes[f]
+        for a in axes:
+            if a in reserved or rem % axis_sizes[a] != 0:
+                break
+            kept.append(a)
+            rem //= axis_sizes[a]
+        clean.append(tuple(kept))
+    owners: dict[str, list[int]] = {}
+    for f, axes in enumerate(clean):
+        for a in axes:
+            owners.setdefault(a, []).append(f)
+    conflicts = [(a, fs) for a, fs in owners.items() if len(fs) > 1]
+    if not conflicts:
+        return [tuple(clean)]
+    variants = []
+    for choice in itertools.product(*[fs for _, fs in conflicts]):
+        v = list(clean)
+        for (a, fs), keep in zip(conflicts, choice):
+            for f in fs:
+                if f != keep and a in v[f]:
+                    v[f] = v[f][:v[f].index(a)]
+        variants.append(tuple(v))
+    return variants
+
+
+def candidate_assignments(rule, tensors, axis_sizes, reserved=()) -> list[Assignment]:
+    n = len(rule.sizes)
+    projections = [(project(t.dims, t.layout, rule.sizes, axis_sizes), t.priority)
+                   for t in tensors if t.layout is not None]
+    merged = []
+    for f in range(n):
+        lists = [(p[f], prio) for p, prio in projections if f in p]
+        merged.append(_merge(lists) if lists else ())
+    raw = [tuple(merged)]
+    for p, _ in projections:
+        raw.append(tuple(p.get(f, merged[f] if not any(
+            a in ax for ax in p.values() for a in merged[f]) else ()) for f in range(n)))
+    raw.append(((),) * n)
+    out, seen = [], set()
+    for r in raw:
+        for v in _legalize(r, rule.sizes, rule.kinds, axis_sizes, set(reserved)):
+            if v not in seen:
+                seen.add(v)
+                out.append(v)
+    return out
+
+
+def required_layout(t: Tensor, assignment, rule, axis_sizes, result_partial) -> Layout | None:
+    dims = project_back(assignment, t.dims, rule.sizes, axis_sizes)
+    if dims is None:
+        return None
+    partial = set(t.keep_partial)
+    if t.accumulator:
+        partial |= set(result_partial)
+    return Layout(dims, tuple(sorted(partial)))
+
+
+def result_partial(assignment, rule) -> tuple:
+    return tuple(sorted((a, rule.kinds[f]) for f, axes in enumerate(assignment)
+                        if rule.kinds[f] in ("sum", "max", "min") for a in axes))
+
+
+def assignment_cost(assignment, rule, tensors, axis_sizes, links, passed_partial=()):
+    """Alpha-beta time of the reshards this assignment implies, plus compute; None if the
+    assignment cannot be expressed on some tensor."""
+    reduced = result_partial(assignment, rule)
+    cost = 0.0
+    for t in tensors:
+        want = required_layout(t, assignment, rule, axis_sizes, reduced)
+        if want is None:
+            return None
+        if t.is_result:
+            produced = want.with_partial(set(reduced) | set(passed_partial))
+            target = t.layout if t.layout is not None else Layout(want.dims)
+            cost += reshard_time(produced, target, t.shape, t.itemsize, axis_sizes, links)
+        elif t.layout is not None:
+            cost += reshard_time(t.layout, want, t.shape, t.itemsize, axis_sizes, links)
+    points = math.prod(rule.sizes) / max(1, math.prod(
+        axis_sizes[a] for axes in assignment for a in axes))
+    return cost + points * COMPUTE_SECONDS_PER_POINT
+
+
+def choose(rule, tensors, axis_sizes, links, reserved=(), passed_partial=()):
+    """The cheapest legal assignment and its cost."""
+    best, best_cost = None, math.inf
+    for cand in candidate_assignments(rule, tensors, axis_sizes, reserved):
+        c = assignment_cost(cand, rule, tensors, axis_sizes, links, passed_partial)
+        if c is not None and c < best_cost - 1e-18:
+            best, best_cost = cand, c
+    if best is None:
+        best = ((),) * len(rule.sizes)
+        best_cost = assignment_cost(best, rule, tensors, axis_sizes, links, passed_partial)
+    return best, best_cost

@@ -1,0 +1,187 @@
+"""The compiler's flat IR: a jaxpr with nested calls inlined and dead code removed.
+
+Tracing happens once, on abstract shapes, with ``jax.make_jaxpr``. Calls whose bodies only
+name a function boundary (``jit``, ``custom_jvp_call``, ``custom_vjp_call``, ``remat2``,
+``closed_call``) are inlined, so propagation sees one flat list of equations and every
+primitive gets a factor rule. (Forward semantics of custom_jvp/vjp calls are their
+``call_jaxpr``; remat only matters for differentiation, which has already happened when a
+training step is traced. Keeping remat boundaries through lowering is issue #3.)
+
+>>> g = trace(lambda x: jnp.sin(x) * 2, (jax.ShapeDtypeStruct((4,), jnp.float32),))  # doctest: +SKIP
+>>> [e.prim.name for e in g.eqns]                                                     # doctest: +SKIP
+['sin', 'mul']
+"""
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import numpy as np
+from jax.extend import core as jcore
+
+# Primitives that only delimit a function: their body is inlined.
+_CALL_BODY_PARAM = {
+    "jit": "jaxpr",
+    "pjit": "jaxpr",
+    "closed_call": "call_jaxpr",
+    "core_call": "call_jaxpr",
+    "custom_jvp_call": "call_jaxpr",
+    "custom_vjp_call": "call_jaxpr",
+    "custom_vjp_call_jaxpr": "fun_jaxpr",
+    "remat2": "jaxpr",
+    "checkpoint": "jaxpr",
+}
+
+
+@dataclass(eq=False)
+class Value:
+    """One SSA value: a traced variable (``const is None``) or a constant/literal."""
+    id: int
+    shape: tuple[int, ...]
+    dtype: Any
+    name: str = ""
+    const: Any = None          # numpy/jax value for literals and closed-over constants
+
+    @property
+    def is_const(self) -> bool:
+        return self.const is not None
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+    def __repr__(self) -> str:
+        return self.name or f"v{self.id}"
+
+
+@dataclass(eq=False)
+class Eqn:
+    prim: Any                  # jax Primitive
+    invars: list[Value]
+    outvars: list[Value]
+    params: dict
+    source: str                # "file.py:LINE (function)" of the user's code
+    index: int = -1
+
+
+@dataclass
+class Graph:
+    invars: list[Value]
+    outvars: list[Value]
+    eqns: list[Eqn]
+    values: list[Value] = field(default_factory=list)
+
+
+def _jaxpr_name(i: int) -> str:
+    """Jaxpr-style names: a..z, ba..bz, ca.. (as ``jax.make_jaxpr`` prints them)."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    out = letters[i % 26]
+    i //= 26
+    while i:
+        out = letters[i % 26] + out
+        i //= 26
+    return out
+
+
+_LIB_DIRS = tuple(os.path.dirname(m.__file__) for m in (jax, np)) + (
+    os.path.dirname(os.path.dirname(__file__)),)
+
+
+def user_source(source_info) -> str:
+    """``file:line (function)`` of the innermost frame outside jax/flax/optax/autoshard."""
+    tb = getattr(source_info, "traceback", None)
+    frames = list(tb.frames) if tb is not None else []
+    for frame in frames:
+        path = frame.file_name
+        if "site-packages" in path or "dist-packages" in path or path.startswith(_LIB_DIRS) or path.startswith("<"):
+            continue
+        return f"{os.path.basename(path)}:{frame.line_num} ({frame.function_name})"
+    if frames:
+        f = frames[0]
+        return f"{os.path.basename(f.file_name)}:{f.line_num} ({f.function_name})"
+    return "<unknown>"
+
+
+class _Builder:
+    def __init__(self):
+        self.counter = itertools.count()
+        self.values: list[Value] = []
+        self.eqns: list[Eqn] = []
+
+    def new(self, aval, const=None) -> Value:
+        i = next(self.counter)
+        v = Value(i, tuple(int(d) for d in aval.shape), np.dtype(aval.dtype), const=const)
+        self.values.append(v)
+        return v
+
+    def literal(self, val, aval) -> Value:
+        return self.new(aval, const=np.asarray(val, dtype=aval.dtype) if np.ndim(val) == 0 else val)
+
+    def inline(self, jaxpr, consts, args: list[Value]) -> list[Value]:
+        env: dict = {}
+        for var, c in zip(jaxpr.constvars, consts):
+            env[var] = self.new(var.aval, const=c)
+        for var, a in zip(jaxpr.invars, args):
+            env[var] = a
+
+        def read(atom):
+            if isinstance(atom, jcore.Literal):
+                return self.literal(atom.val, atom.aval)
+            return env[atom]
+
+        for eqn in jaxpr.eqns:
+            ins = [read(a) for a in eqn.invars]
+            body_param = _CALL_BODY_PARAM.get(eqn.primitive.name)
+            if body_param is not None and body_param in eqn.params:
+                body = eqn.params[body_param]
+                if isinstance(body, jcore.ClosedJaxpr):
+                    outs = self.inline(body.jaxpr, body.consts, ins)
+                else:
+                    outs = self.inline(body, [], ins)
+                for var, o in zip(eqn.outvars, outs):
+                    env[var] = o
+                continue
+            outs = [self.new(v.aval) for v in eqn.outvars]
+            for var, o in zip(eqn.outvars, outs):
+                env[var] = o
+            self.eqns.append(Eqn(eqn.primitive, ins, outs, dict(eqn.params), user_source(eqn.source_info)))
+        return [read(a) for a in jaxpr.outvars]
+
+
+def from_closed_jaxpr(closed) -> Graph:
+    b = _Builder()
+    invars = [b.new(v.aval) for v in closed.jaxpr.invars]
+    outvars = b.inline(closed.jaxpr, closed.consts, invars)
+    graph = Graph(invars, outvars, b.eqns, b.values)
+    return dce(graph)
+
+
+def dce(graph: Graph) -> Graph:
+    """Drop equations none of whose results reach an output (effects-free jaxprs only)."""
+    live = {id(v) for v in graph.outvars}
+    kept = []
+    for eqn in reversed(graph.eqns):
+        if any(id(o) in live for o in eqn.outvars) or eqn.prim.name in ("debug_callback",):
+            kept.append(eqn)
+            live.update(id(v) for v in eqn.invars)
+    kept.reverse()
+    used = {id(v) for v in graph.invars} | {id(v) for e in kept for v in (*e.invars, *e.outvars)} \
+        | {id(v) for v in graph.outvars}
+    values = [v for v in graph.values if id(v) in used]
+    for i, e in enumerate(kept):
+        e.index = i
+    n = 0
+    for v in values:
+        if not v.is_const:
+            v.name = _jaxpr_name(n)
+            n += 1
+    return Graph(graph.invars, graph.outvars, kept, values)
+
+
+def trace(flat_fun, avals) -> Graph:
+    """Trace ``flat_fun(*leaves) -> list of leaves`` on abstract values."""
+    closed = jax.make_jaxpr(flat_fun)(*avals)
+    return from_closed_jaxpr(closed)

@@ -1,0 +1,152 @@
+"""Registry of per-primitive sharding rules, one file per op family.
+
+A rule maps every tensor dim of an equation to *factors* (as OpenXLA Shardy does): a factor
+is one loop of the op's iteration space, shared by every tensor dim it indexes. Example,
+``dot_general`` of ``x[m,k] @ w[k,n]``::
+
+    factors  m:pass  k:sum  n:pass
+    operands x: (m)(k)   w: (k)(n)
+    result      (m)(n)
+
+Splitting ``k`` over mesh axis ``a`` makes the result ``P(sum)`` over ``a``. Factor kinds:
+
+- ``pass``: may be split; operands and results carrying it are split alike;
+- ``sum`` / ``max`` / ``min``: reduction factors; splitting makes the result partial;
+- ``replicate``: must not be split (sort axis, sliced or padded dims, ...).
+
+A dim listing several factors (reshape ``[6,4] -> [24]`` gives ``(f6, f4)``) is their
+product, major first; a dim of size 1 lists none and is never split.
+
+Each ``OpRule`` also says which operands may stay partial (``partial``, see
+``partial_passes``) and how to localise params for the per-device program.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ...errors import UnsupportedPrimitiveError
+
+FACTOR_KINDS = ("pass", "sum", "max", "min", "replicate")
+
+
+@dataclass(frozen=True)
+class FactorRule:
+    sizes: tuple[int, ...]
+    kinds: tuple[str, ...]
+    operands: tuple[tuple[tuple[int, ...], ...], ...]
+    results: tuple[tuple[tuple[int, ...], ...], ...]
+    # Operands that accumulate into the result (scatter-add's operand): when a reduction
+    # factor is split they must carry the same partial as the result.
+    accumulators: tuple[int, ...] = ()
+
+
+class FactorBuilder:
+    """Collects factors while a rule walks an equation's dims."""
+
+    def __init__(self):
+        self.sizes: list[int] = []
+        self.kinds: list[str] = []
+
+    def new(self, size: int, kind: str = "pass") -> tuple[int, ...]:
+        """A fresh factor for one dim; size-1 dims get none (never split)."""
+        if size == 1:
+            return ()
+        self.sizes.append(int(size))
+        self.kinds.append(kind)
+        return (len(self.sizes) - 1,)
+
+    def build(self, operands, results, accumulators=()) -> FactorRule:
+        return FactorRule(tuple(self.sizes), tuple(self.kinds),
+                          tuple(tuple(o) for o in operands), tuple(tuple(r) for r in results),
+                          tuple(accumulators))
+
+
+@dataclass(frozen=True)
+class LocalContext:
+    """Per-device view of one equation, handed to ``localize`` and ``lower``."""
+    in_shapes: tuple          # local operand shapes
+    out_shapes: tuple         # local result shapes
+    in_layouts: tuple
+    out_layouts: tuple
+    axis_sizes: dict
+
+
+@dataclass(frozen=True)
+class OpRule:
+    factors: Callable                          # (eqn) -> FactorRule
+    partial: str | Callable = "none"           # mode name or (eqn) -> mode name
+    localize: Callable | None = None           # (eqn, ctx) -> params for the local bind
+    lower: Callable | None = None              # (eqn, ctx, args) -> outs, replaces bind
+
+    def partial_mode(self, eqn) -> str:
+        return self.partial(eqn) if callable(self.partial) else self.partial
+
+    def local_params(self, eqn, ctx: LocalContext) -> dict:
+        params = self.localize(eqn, ctx) if self.localize else dict(eqn.params)
+        return params
+
+
+RULES: dict[str, OpRule] = {}
+
+
+def register(*prims, partial="none", localize=None, lower=None):
+    """Decorator: ``@register(lax.add_p, lax.sub_p, partial="same_sum")`` on a factor function."""
+    def deco(fn):
+        for p in prims:
+            name = p if isinstance(p, str) else p.name
+            RULES[name] = OpRule(fn, partial, localize, lower)
+        return fn
+    return deco
+
+
+def get_rule(eqn) -> OpRule:
+    _load_families()
+    rule = RULES.get(eqn.prim.name)
+    if rule is None:
+        raise UnsupportedPrimitiveError(eqn.prim.name, eqn.source)
+    return rule
+
+
+def partial_passes(mode: str, eqn, operand_partials) -> bool:
+    """Whether the op maps partial operands to a partial result of the same kind.
+
+    ``operand_partials[i]`` is the tuple of ``(axis, op)`` pairs operand ``i`` is partial over.
+    Modes: ``none``; ``unary_any`` (operand 0 only, any op: reshape, transpose, ...);
+    ``unary_sum`` / ``unary_max`` / ``unary_min`` (operand 0 only, that op);
+    ``same_sum`` (all operands partial alike, sum: add, sub); ``same_max``/``same_min``
+    (partial operands alike with that op, others not partial: max(P(max), B) is P(max));
+    ``one_sum`` (exactly one operand partial: mul, dot_general); ``first_sum`` (div).
+    """
+    partial_idx = [i for i, p in enumerate(operand_partials) if p]
+    if not partial_idx or mode == "none":
+        return not partial_idx
+    ops = {op for i in partial_idx for _, op in operand_partials[i]}
+    if mode == "unary_any":
+        return partial_idx == [0]
+    if mode in ("unary_sum", "unary_max", "unary_min"):
+        return partial_idx == [0] and ops == {mode[6:]}
+    if mode == "same_sum":
+        first = operand_partials[0]
+        return ops == {"sum"} and all(
+            p == first and not v.is_const for p, v in zip(operand_partials, eqn.invars))
+    if mode in ("same_max", "same_min"):
+        kinds = {operand_partials[i] for i in partial_idx}
+        return ops == {mode[5:]} and len(kinds) == 1
+    if mode == "one_sum":
+        return ops == {"sum"} and len(partial_idx) == 1
+    if mode == "first_sum":
+        return ops == {"sum"} and partial_idx == [0]
+    raise AssertionError(f"unknown partial mode {mode!r}")
+
+
+_LOADED = False
+
+
+def _load_families():
+    global _LOADED
+    if not _LOADED:
+        _LOADED = True
+        from . import constraint, dot, elementwise, indexing, reduction, shape  # noqa: F401

@@ -1,0 +1,68 @@
+"""Elementwise primitives: every dim is one factor shared by all operands and results.
+
+Rank-0 operands (scalar literals, implicit broadcast) and size-1 dims carry no factor, so they
+are never split::
+
+    mul x:f32[8,4] 2.0:f32[]   ->  factors d0 d1;  x: (d0)(d1), 2.0: (), result: (d0)(d1)
+
+Partial values: ``add``/``sub`` keep ``P(sum)`` when every operand is partial alike; ``mul``
+when exactly one operand is; ``div`` when the numerator is; ``neg`` always; ``max`` keeps
+``P(max)`` (max over devices commutes with max against a replicated value).
+"""
+from __future__ import annotations
+
+import numpy as np
+from jax import lax
+
+from . import FactorBuilder, register
+
+_UNARY = [
+    "neg", "sign", "floor", "ceil", "round", "is_finite", "exp", "exp2", "log", "log1p", "expm1",
+    "tanh", "logistic", "sin", "cos", "tan", "asin", "acos", "atan", "sinh", "cosh", "asinh",
+    "acosh", "atanh", "sqrt", "rsqrt", "cbrt", "abs", "not", "real", "imag", "conj",
+    "population_count", "clz", "erf", "erfc", "erf_inv", "lgamma", "digamma", "square",
+    "integer_pow", "reduce_precision", "bessel_i0e", "bessel_i1e", "copy", "copy_p",
+    "stop_gradient", "bitcast_convert_type_same_width",
+]
+_BINARY = [
+    "add", "add_any", "sub", "mul", "div", "rem", "pow", "max", "min", "and", "or", "xor",
+    "eq", "ne", "lt", "le", "gt", "ge", "atan2", "nextafter", "shift_left",
+    "shift_right_logical", "shift_right_arithmetic", "complex", "igamma", "igammac",
+    "igamma_grad_a", "random_gamma_grad", "polygamma", "zeta", "mulhi", "select_n", "clamp",
+]
+
+
+def elementwise_factors(eqn):
+    out_shape = eqn.outvars[0].shape
+    fb = FactorBuilder()
+    dims = [fb.new(s) for s in out_shape]
+    operands = []
+    for v in eqn.invars:
+        if len(v.shape) == 0:
+            operands.append(())
+        else:
+            # A size-1 operand dim against a larger result dim is an implicit broadcast.
+            operands.append(tuple(dims[d] if v.shape[d] == out_shape[d] else ()
+                                  for d in range(len(v.shape))))
+    return fb.build(operands, [tuple(dims)] * len(eqn.outvars))
+
+
+_PARTIAL_MODE = {
+    "neg": "unary_any", "copy": "unary_any", "copy_p": "unary_any", "stop_gradient": "unary_any",
+    "reduce_precision": "unary_any", "real": "unary_sum", "imag": "unary_sum", "conj": "unary_sum",
+    "add": "same_sum", "add_any": "same_sum", "sub": "same_sum",
+    "mul": "one_sum", "div": "first_sum", "max": "same_max", "min": "same_min",
+}
+
+for _name in _UNARY + _BINARY:
+    register(_name, partial=_PARTIAL_MODE.get(_name, "none"))(elementwise_factors)
+
+
+def _convert_partial_mode(eqn):
+    src, dst = np.dtype(eqn.invars[0].dtype), np.dtype(eqn.params["new_dtype"])
+    if np.issubdtype(src, np.inexact) and np.issubdtype(dst, np.inexact):
+        return "unary_any"     # float -> float: sums and maxima commute (up to rounding)
+    return "unary_max"         # monotone casts commute with max only
+
+
+register(lax.convert_element_type_p, partial=_convert_partial_mode)(elementwise_factors)

@@ -1,0 +1,49 @@
+"""Reductions and scans over an axis.
+
+``reduce_sum[axes=(1,)] x[8,16]``: factors d0:pass d1:sum; result (d0). Splitting d1 over
+``model`` leaves each device with a partial sum: the result is ``P(sum)`` over ``model``.
+``reduce_max``/``reduce_min`` give ``P(max)``/``P(min)``. Reductions with no collective
+(prod, and, or, xor), arg-reductions and cumulative ops need their axis unsplit
+(``replicate`` factors); cumulative ops along a split dim are issue #3.
+"""
+from __future__ import annotations
+
+from jax import lax
+
+from . import FactorBuilder, register
+
+_REDUCE_KIND = {"reduce_sum": "sum", "reduce_max": "max", "reduce_min": "min"}
+_PARTIAL = {"reduce_sum": "unary_sum", "reduce_max": "unary_max", "reduce_min": "unary_min"}
+
+
+def _reduce_factors(eqn):
+    shape = eqn.invars[0].shape
+    axes = set(eqn.params["axes"])
+    kind = _REDUCE_KIND.get(eqn.prim.name, "replicate")
+    fb = FactorBuilder()
+    operand, result = [], []
+    for d, size in enumerate(shape):
+        f = fb.new(size, kind if d in axes else "pass")
+        operand.append(f)
+        if d not in axes:
+            result.append(f)
+    return fb.build([operand], [result] * len(eqn.outvars))
+
+
+for _name in ("reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and",
+              "reduce_or", "reduce_xor", "argmax", "argmin"):
+    register(_name, partial=_PARTIAL.get(_name, "none"))(_reduce_factors)
+
+
+def _along_axis_factors(eqn):
+    """Same-shape result; the op's axis (``axis`` or ``dimension``) must stay unsplit."""
+    shape = eqn.invars[0].shape
+    axis = eqn.params.get("axis", eqn.params.get("dimension"))
+    axis = axis % len(shape) if shape else 0
+    fb = FactorBuilder()
+    dims = [fb.new(s, "replicate" if d == axis else "pass") for d, s in enumerate(shape)]
+    return fb.build([dims] * len(eqn.invars), [dims] * len(eqn.outvars))
+
+
+for _name in ("cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp", "sort"):
+    register(_name)(_along_axis_factors)

@@ -1,0 +1,202 @@
+"""Shape and data-movement primitives: broadcast, reshape, transpose, squeeze, iota,
+concatenate, slice, split, pad, dynamic_slice, dynamic_update_slice, rev.
+
+``reshape`` factors dims by walking both shapes with common divisors, major first, so a
+split of ``[B, T, D]``'s ``D`` over ``model`` reaches the head dim of ``[B, T, H, Dh]``::
+
+    reshape f32[8,32] -> f32[8,4,8]     factors a:8 b:4 c:8
+    operand (a)(b,c)   result (a)(b)(c)
+
+Dims that are sliced, padded, concatenated or reversed are ``replicate`` factors here (a split
+along them needs halos or offsets: issue #3). ``iota`` along a split dim adds the device's
+block offset in its local lowering.
+"""
+from __future__ import annotations
+
+import math
+
+from jax import lax
+
+from . import FactorBuilder, register
+
+
+def _structural(name, **kw):
+    return register(name, partial="unary_any", **kw)
+
+
+# -- broadcast_in_dim ---------------------------------------------------------------------
+def _localize_broadcast(eqn, ctx):
+    return {**eqn.params, "shape": tuple(ctx.out_shapes[0])}
+
+
+@_structural(lax.broadcast_in_dim_p, localize=_localize_broadcast)
+def broadcast_factors(eqn):
+    shape, bdims = eqn.params["shape"], eqn.params["broadcast_dimensions"]
+    operand = eqn.invars[0].shape
+    fb = FactorBuilder()
+    result = [fb.new(s) for s in shape]
+    op_dims = [result[int(bd)] if operand[i] == shape[int(bd)] else ()
+               for i, bd in enumerate(bdims)]
+    return fb.build([op_dims] + [()] * (len(eqn.invars) - 1), [result])
+
+
+# -- reshape ------------------------------------------------------------------------------
+def reshape_factor_dims(in_shape, out_shape, fb: FactorBuilder):
+    """Walk both shapes taking common divisors, major first; where no common divisor is
+    left, the rest of both shapes becomes ``replicate`` factors."""
+    in_dims = [[] for _ in in_shape]
+    out_dims = [[] for _ in out_shape]
+    i = j = 0
+    ra = in_shape[0] if in_shape else 1
+    rb = out_shape[0] if out_shape else 1
+    while i < len(in_shape) and j < len(out_shape):
+        if ra == 1:
+            i += 1
+            ra = in_shape[i] if i < len(in_shape) else 1
+            continue
+        if rb == 1:
+            j += 1
+            rb = out_shape[j] if j < len(out_shape) else 1
+            continue
+        g = math.gcd(ra, rb)
+        if g == 1:
+            for k in range(i, len(in_shape)):
+                in_dims[k] += fb.new(ra if k == i else in_shape[k], "replicate")
+            for k in range(j, len(out_shape)):
+                out_dims[k] += fb.new(rb if k == j else out_shape[k], "replicate")
+            break
+        f = fb.new(g)
+        in_dims[i] += f
+        out_dims[j] += f
+        ra //= g
+        rb //= g
+    return [tuple(d) for d in in_dims], [tuple(d) for d in out_dims]
+
+
+def _localize_reshape(eqn, ctx):
+    return {**eqn.params, "new_sizes": tuple(ctx.out_shapes[0])}
+
+
+@_structural(lax.reshape_p, localize=_localize_reshape)
+def reshape_factors(eqn):
+    fb = FactorBuilder()
+    ins, outs = reshape_factor_dims(eqn.invars[0].shape, eqn.outvars[0].shape, fb)
+    return fb.build([ins] + [()] * (len(eqn.invars) - 1), [outs])
+
+
+# -- transpose / squeeze / rev -------------------------------------------------------------
+@_structural(lax.transpose_p)
+def transpose_factors(eqn):
+    fb = FactorBuilder()
+    operand = [fb.new(s) for s in eqn.invars[0].shape]
+    return fb.build([operand], [[operand[p] for p in eqn.params["permutation"]]])
+
+
+@_structural(lax.squeeze_p)
+def squeeze_factors(eqn):
+    fb = FactorBuilder()
+    drop = {d % len(eqn.invars[0].shape) for d in eqn.params["dimensions"]}
+    operand = [fb.new(s) for s in eqn.invars[0].shape]
+    return fb.build([operand], [[f for d, f in enumerate(operand) if d not in drop]])
+
+
+@_structural(lax.rev_p)
+def rev_factors(eqn):
+    fb = FactorBuilder()
+    rev = set(eqn.params["dimensions"])
+    operand = [fb.new(s, "replicate" if d in rev else "pass") for d, s in enumerate(eqn.invars[0].shape)]
+    return fb.build([operand], [operand])
+
+
+# -- iota ---------------------------------------------------------------------------------
+def _lower_iota(eqn, ctx, args):
+    from ...runtime import collectives
+    p = eqn.params
+    local = tuple(ctx.out_shapes[0])
+    dim = p["dimension"]
+    out = lax.broadcasted_iota(p["dtype"], local, dim)
+    axes = ctx.out_layouts[0].dims[dim]
+    if axes:
+        offset = collectives.block_index(axes, ctx.axis_sizes) * local[dim]
+        out = out + offset.astype(p["dtype"])
+    return [out]
+
+
+@register(lax.iota_p, lower=_lower_iota)
+def iota_factors(eqn):
+    fb = FactorBuilder()
+    return fb.build([()] * len(eqn.invars), [[fb.new(s) for s in eqn.outvars[0].shape]])
+
+
+# -- concatenate / slice / split / pad ------------------------------------------------------
+def _moved_dims_factors(eqn, moved: set, n_shared_operands: int):
+    """Dims in ``moved`` are ``replicate`` (a fresh factor per tensor); the other dims are
+    shared by the first ``n_shared_operands`` operands and every result."""
+    fb = FactorBuilder()
+    base = eqn.invars[0].shape
+    shared = [None if d in moved else fb.new(s) for d, s in enumerate(base)]
+
+    def dims_of(shape):
+        return [fb.new(s, "replicate") if shared[d] is None else shared[d] for d, s in enumerate(shape)]
+    operands = [dims_of(v.shape) if k < n_shared_operands else [()] * len(v.shape)
+                for k, v in enumerate(eqn.invars)]
+    return fb.build(operands, [dims_of(v.shape) for v in eqn.outvars])
+
+
+@register(lax.concatenate_p, partial="same_sum")
+def concatenate_factors(eqn):
+    return _moved_dims_factors(eqn, {eqn.params["dimension"]}, len(eqn.invars))
+
+
+def _sliced_dims(eqn):
+    p, shape = eqn.params, eqn.invars[0].shape
+    strides = p["strides"] or (1,) * len(shape)
+    return {d for d in range(len(shape))
+            if p["start_indices"][d] != 0 or p["limit_indices"][d] != shape[d] or strides[d] != 1}
+
+
+def _localize_slice(eqn, ctx):
+    p = dict(eqn.params)
+    sliced = _sliced_dims(eqn)
+    p["limit_indices"] = tuple(lim if d in sliced else ctx.in_shapes[0][d]
+                               for d, lim in enumerate(p["limit_indices"]))
+    return p
+
+
+@_structural(lax.slice_p, localize=_localize_slice)
+def slice_factors(eqn):
+    return _moved_dims_factors(eqn, _sliced_dims(eqn), 1)
+
+
+@_structural(lax.split_p)
+def split_factors(eqn):
+    return _moved_dims_factors(eqn, {eqn.params["axis"]}, 1)
+
+
+@register(lax.pad_p)
+def pad_factors(eqn):
+    padded = {d for d, cfg in enumerate(eqn.params["padding_config"]) if tuple(cfg) != (0, 0, 0)}
+    return _moved_dims_factors(eqn, padded, 1)
+
+
+# -- dynamic_slice / dynamic_update_slice -------------------------------------------------
+def _localize_dynamic_slice(eqn, ctx):
+    return {**eqn.params, "slice_sizes": tuple(ctx.out_shapes[0])}
+
+
+@_structural(lax.dynamic_slice_p, localize=_localize_dynamic_slice)
+def dynamic_slice_factors(eqn):
+    shape = eqn.invars[0].shape
+    moved = {d for d, s in enumerate(eqn.params["slice_sizes"]) if s != shape[d]}
+    return _moved_dims_factors(eqn, moved, 1)
+
+
+@register(lax.dynamic_update_slice_p)
+def dynamic_update_slice_factors(eqn):
+    operand, update = eqn.invars[0].shape, eqn.invars[1].shape
+    moved = {d for d in range(len(operand)) if update[d] != operand[d]}
+    fb = FactorBuilder()
+    shared = [None if d in moved else fb.new(s) for d, s in enumerate(operand)]
+    op_dims = [fb.new(s, "replicate") if shared[d] is None else shared[d] for d, s in enumerate(operand)]
+    up_dims = [fb.new(s, "replicate") if shared[d] is None else shared[d] for d, s in enumerate(update)]
+    return fb.build([op_dims, up_dims] + [()] * (len(eqn.invars) - 2), [op_dims])

@@ -1,0 +1,80 @@
+"""``ShardedProgram``: the flat IR plus everything the passes decided about it.
+
+Filled in pipeline order: ``import_annotations`` seeds ``layouts``/``closed``/``provenance``;
+``propagate`` completes ``layouts``; ``insert_collectives`` fills ``assignments``,
+``operand_layouts``, ``produced``, ``post``, ``out_layouts`` and ``reshards``. The report
+and the lowering read only this object, so they agree by construction.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .ir import Eqn, Graph, Value
+from .layout import Layout
+from .mesh import MeshInfo
+from .planner import Transform
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What decided a value's layout.
+
+    kind: ``annotation`` (in_specs/out_specs), ``constraint`` (constrain /
+    with_sharding_constraint), ``propagated`` (through ``eqn`` from ``sources``), ``constant``
+    or ``default`` (reached by no annotation: replicated).
+    """
+    kind: str
+    detail: str = ""
+    eqn: int | None = None
+    sources: tuple = ()
+    direction: str = ""
+
+
+@dataclass
+class Reshard:
+    """One planned layout change of one value, executed as ``transforms``."""
+    value: Value
+    src: Layout
+    dst: Layout
+    transforms: tuple[Transform, ...]
+    reason: str
+    source: str
+    consumer: str
+
+
+@dataclass
+class ShardedProgram:
+    graph: Graph
+    mesh: MeshInfo
+    in_paths: list[str]
+    out_paths: list[str]
+    out_specs: list                                   # Layout or None per output
+    layouts: dict[Value, Layout] = field(default_factory=dict)
+    closed: set = field(default_factory=set)
+    provenance: dict[Value, Provenance] = field(default_factory=dict)
+    rules: dict[int, object] = field(default_factory=dict)
+    assignments: dict[int, tuple] = field(default_factory=dict)
+    operand_layouts: dict[tuple[int, int], Layout] = field(default_factory=dict)
+    produced: dict[Value, Layout] = field(default_factory=dict)
+    post: dict[Value, Layout] = field(default_factory=dict)
+    out_layouts: list[Layout] = field(default_factory=list)
+    reshards: list[Reshard] = field(default_factory=list)
+    pass_seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def axis_sizes(self) -> dict[str, int]:
+        return self.mesh.size
+
+    def in_layouts(self) -> list[Layout]:
+        return [self.layouts[v] for v in self.graph.invars]
+
+    def final_layout(self, v: Value) -> Layout:
+        """The layout a value has once produced (after any reshard right at its producer)."""
+        if v in self.post:
+            return self.post[v]
+        if v in self.produced:
+            return self.produced[v]
+        return self.layouts.get(v, Layout.replicated(len(v.shape)))
+
+    def eqn_of(self, index: int) -> Eqn:
+        return self.graph.eqns[index]

@@ -1,0 +1,1 @@
+"""Compiler passes, one per file; each has ``name`` and ``run(program) -> program``."""

@@ -1,0 +1,81 @@
+"""Factor-based propagation of dim splits to a fixed point, forward and backward.
+
+Expects: ``layouts`` seeded by ``import_annotations``; closed values never change.
+Guarantees: every value has a layout without partials (``layouts``), each with provenance.
+Open values only ever become *more* split (a layout is replaced only by one that refines
+it), so the sweeps terminate; values no annotation reaches are replicated (``default``).
+
+Each equation takes the cheapest factor assignment given its neighbours' current layouts
+(``compiler.factors.choose``): basic Shardy-style merging where the candidates agree, the
+alpha-beta cost model where they conflict.
+"""
+from __future__ import annotations
+
+from ..compiler.factors import Tensor, choose, project_back
+from ..compiler.layout import Layout
+from ..compiler.ops import get_rule
+from ..compiler.program import Provenance
+
+name = "propagate"
+MAX_SWEEPS = 8
+
+
+def eqn_tensors(program, eqn, layout_of, with_partial=False):
+    """The chooser's view of one equation's operands and results."""
+    fr = program.rules[eqn.index]
+    tensors = []
+    for i, v in enumerate(eqn.invars):
+        lay = layout_of(v)
+        tensors.append(Tensor(fr.operands[i], v.shape, v.dtype.itemsize, lay,
+                              0 if v in program.closed else 1, accumulator=i in fr.accumulators))
+    for j, v in enumerate(eqn.outvars):
+        tensors.append(Tensor(fr.results[j], v.shape, v.dtype.itemsize, program.layouts.get(v),
+                              0 if v in program.closed else 1, is_result=True))
+    return tensors
+
+
+def run(program):
+    graph, mesh = program.graph, program.mesh
+    sizes, links = program.axis_sizes, {a: mesh.link(a) for a in mesh.axis_names}
+    for eqn in graph.eqns:
+        program.rules[eqn.index] = get_rule(eqn).factors(eqn)
+    layouts = program.layouts
+
+    def step(eqn) -> bool:
+        tensors = eqn_tensors(program, eqn, layouts.get)
+        if all(t.layout is None for t in tensors):
+            return False
+        fr = program.rules[eqn.index]
+        best, _ = choose(fr, tensors, sizes, links)
+        values = list(eqn.invars) + list(eqn.outvars)
+        known = tuple(v for v, t in zip(values, tensors) if t.layout is not None and not v.is_const)
+        changed = False
+        for v, t in zip(values, tensors):
+            if v in program.closed:
+                continue
+            dims = project_back(best, t.dims, fr.sizes, sizes)
+            if dims is None:
+                continue
+            new, cur = Layout(dims), layouts.get(v)
+            if cur is None or (new != cur and new.refines(cur)):
+                layouts[v] = new
+                program.provenance[v] = Provenance(
+                    "propagated", f"{eqn.prim.name} at {eqn.source}", eqn.index,
+                    tuple(k for k in known if k is not v),
+                    "forward" if t.is_result else "backward")
+                changed = True
+        return changed
+
+    for _ in range(MAX_SWEEPS):
+        changed = False
+        for eqn in graph.eqns:
+            changed |= step(eqn)
+        for eqn in reversed(graph.eqns):
+            changed |= step(eqn)
+        if not changed:
+            break
+    for v in graph.values:
+        if v not in layouts:
+            layouts[v] = Layout.replicated(len(v.shape))
+            program.provenance[v] = Provenance("default", "no annotation reaches this value: replicated")
+    return program

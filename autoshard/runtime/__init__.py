@@ -1,0 +1,1 @@
+"""Runtime: collectives, lowering to shard_map + jit, and the ParallelFunction."""

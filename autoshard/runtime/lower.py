@@ -1,0 +1,77 @@
+"""Lower a ``ShardedProgram`` to one per-device program inside ``jax.shard_map`` (all mesh
+axes manual), wrapped in ``jax.jit``.
+
+The per-device program interprets the flat IR: each operand is fetched in the layout its
+equation consumes (running the planned reshard once per (value, layout), so consumers share
+it), the primitive is bound with localised params (``OpRule.localize``) or lowered by the
+rule's own ``lower`` (iota offsets, constraints), and results are resharded right away where
+the program says so (``post``).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+
+from ..compiler.layout import Layout
+from ..compiler.ops import LocalContext, get_rule
+from ..compiler.planner import plan
+from . import collectives
+
+
+def local_function(program):
+    graph, sizes = program.graph, program.axis_sizes
+
+    def local(*args):
+        env = dict(zip(graph.invars, args))
+        cache: dict = {}
+
+        def fetch(v, want: Layout):
+            if v.is_const:
+                have = Layout.replicated(len(v.shape))
+                if want == have:
+                    return v.const
+                x = jnp.asarray(v.const)
+            else:
+                have, x = program.final_layout(v), env[v]
+            if have == want:
+                return x
+            key = (v, want)
+            if key not in cache:
+                cache[key] = collectives.apply(x, plan(have, want, v.shape, sizes), sizes)
+            return cache[key]
+
+        for eqn in graph.eqns:
+            in_lays = tuple(program.operand_layouts[(eqn.index, i)] for i in range(len(eqn.invars)))
+            ins = [fetch(v, lay) for v, lay in zip(eqn.invars, in_lays)]
+            out_lays = tuple(program.produced[o] for o in eqn.outvars)
+            ctx = LocalContext(
+                tuple(lay.local_shape(v.shape, sizes) for v, lay in zip(eqn.invars, in_lays)),
+                tuple(lay.local_shape(o.shape, sizes) for o, lay in zip(eqn.outvars, out_lays)),
+                in_lays, out_lays, sizes)
+            rule = get_rule(eqn)
+            if rule.lower is not None:
+                outs = rule.lower(eqn, ctx, ins)
+            else:
+                outs = eqn.prim.bind(*ins, **rule.local_params(eqn, ctx))
+                if not eqn.prim.multiple_results:
+                    outs = [outs]
+            for o, x in zip(eqn.outvars, outs):
+                if o in program.post:
+                    x = collectives.apply(x, plan(program.produced[o], program.post[o], o.shape, sizes), sizes)
+                env[o] = x
+        return tuple(fetch(v, lay) for v, lay in zip(graph.outvars, program.out_layouts))
+
+    return local
+
+
+def lower_to_jit(program, mesh, donate_argnums=()):
+    """``jax.jit`` of the shard_map program; takes and returns flat lists of global arrays."""
+    in_specs = tuple(lay.spec() for lay in program.in_layouts())
+    out_specs = tuple(lay.spec() for lay in program.out_layouts)
+    body = jax.shard_map(local_function(program), mesh=mesh, in_specs=in_specs,
+                         out_specs=out_specs, check_vma=False)
+    in_shardings = tuple(NamedSharding(mesh, s) for s in in_specs)
+    out_shardings = tuple(NamedSharding(mesh, s) for s in out_specs)
+    return jax.jit(body, in_shardings=in_shardings, out_shardings=out_shardings,
+                   donate_argnums=donate_argnums), in_shardings, out_shardings

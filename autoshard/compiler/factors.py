@@ -135,18 +135,30 @@ def _legalize(assignment, sizes, kinds, axis_sizes, reserved) -> list[Assignment
     return variants
 
 
-def candidate_assignments(rule, tensors, axis_sizes, reserved=()) -> list[Assignment]:
+def merged_assignment(rule, tensors, axis_sizes) -> tuple[Assignment, bool]:
+    """Per factor, the merge of every known tensor's projection, and whether the tensors
+    agree (all lists prefix-compatible and no mesh axis claimed by two factors)."""
     n = len(rule.sizes)
     projections = [(project(t.dims, t.layout, rule.sizes, axis_sizes), t.priority)
                    for t in tensors if t.layout is not None]
-    merged = []
+    merged, agree = [], True
     for f in range(n):
         lists = [(p[f], prio) for p, prio in projections if f in p]
-        merged.append(_merge(lists) if lists else ())
-    raw = [tuple(merged)]
+        m = _merge(lists) if lists else ()
+        agree &= all(_prefix_compatible(l, m) for l, _ in lists)
+        merged.append(m)
+    owners = [a for axes in merged for a in axes]
+    agree &= len(owners) == len(set(owners))
+    return tuple(merged), agree, projections
+
+
+def candidate_assignments(rule, tensors, axis_sizes, reserved=()) -> list[Assignment]:
+    n = len(rule.sizes)
+    merged, _, projections = merged_assignment(rule, tensors, axis_sizes)
+    raw = [merged]
     for p, _ in projections:
-        raw.append(tuple(p.get(f, merged[f] if not any(
-            a in ax for ax in p.values() for a in merged[f]) else ()) for f in range(n)))
+        taken = {a for ax in p.values() for a in ax}
+        raw.append(tuple(p.get(f, merged[f] if not taken & set(merged[f]) else ()) for f in range(n)))
     raw.append(((),) * n)
     out, seen = [], set()
     for r in raw:
@@ -193,7 +205,20 @@ def assignment_cost(assignment, rule, tensors, axis_sizes, links, passed_partial
 
 
 def choose(rule, tensors, axis_sizes, links, reserved=(), passed_partial=()):
-    """The cheapest legal assignment and its cost."""
+    """The assignment for one equation and its cost.
+
+    Where the known tensors agree, their merge is taken as is (as Shardy's propagation
+    does: annotations flow, and a weight split on a contracting dim stays split, leaving a
+    partial result). Only where they conflict, or the merge is not legal here, are the
+    candidates priced and the cheapest taken.
+    """
+    merged, agree, _ = merged_assignment(rule, tensors, axis_sizes)
+    if agree:
+        legal = _legalize(merged, rule.sizes, rule.kinds, axis_sizes, set(reserved))
+        if legal == [merged]:
+            c = assignment_cost(merged, rule, tensors, axis_sizes, links, passed_partial)
+            if c is not None:
+                return merged, c
     best, best_cost = None, math.inf
     for cand in candidate_assignments(rule, tensors, axis_sizes, reserved):
         c = assignment_cost(cand, rule, tensors, axis_sizes, links, passed_partial)

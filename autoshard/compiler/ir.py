@@ -86,8 +86,10 @@ def _jaxpr_name(i: int) -> str:
     return out
 
 
-_LIB_DIRS = tuple(os.path.dirname(m.__file__) for m in (jax, np)) + (
-    os.path.dirname(os.path.dirname(__file__)),)
+_PKG = os.path.dirname(os.path.dirname(__file__))
+# autoshard's own machinery is not user code; its reference models are.
+_LIB_DIRS = tuple(os.path.dirname(m.__file__) for m in (jax, np)) + tuple(
+    os.path.join(_PKG, d) for d in ("compiler", "passes", "runtime"))
 
 
 def user_source(source_info) -> str:
@@ -99,9 +101,9 @@ def user_source(source_info) -> str:
         if "site-packages" in path or "dist-packages" in path or path.startswith(_LIB_DIRS) or path.startswith("<"):
             continue
         return f"{os.path.basename(path)}:{frame.line_num} ({frame.function_name})"
-    if frames:
-        f = frames[0]
-        return f"{os.path.basename(f.file_name)}:{f.line_num} ({f.function_name})"
+    for frame in frames:   # all library frames: name the outermost non-jax one
+        if "/jax/" not in frame.file_name and "/jaxlib/" not in frame.file_name:
+            return f"{os.path.basename(frame.file_name)}:{frame.line_num} ({frame.function_name})"
     return "<unknown>"
 
 

@@ -1,0 +1,194 @@
+"""Hand-written sharding strategies for the reference models.
+
+These presets are the *baselines* the automatic pass is compared with, and a
+convenient source of input annotations in tests. They are allowed to know the
+models' parameter paths (see the module docstrings of ``gpt.py``/``mlp.py``).
+
+Mesh axis conventions: the data-parallel axis is ``'data'`` and the
+tensor-parallel axis is ``'model'``.
+
+======== ============================================== ======================
+strategy params                                          batch
+======== ============================================== ======================
+dp       all ``P()``                                    ``P('data', None..)``
+fsdp     first dim divisible by ``|data|`` on ``'data'`` ``P('data', None..)``
+tp       Megatron column/row split on ``'model'``       ``P()``
+dp_tp    as tp                                          ``P('data', None..)``
+======== ============================================== ======================
+
+Megatron (tp): q/k/v and ``up`` kernels are column-parallel
+(``P(None, 'model')``, bias ``P('model')``); attention ``out`` and ``down``
+kernels are row-parallel (``P('model', None)``, bias ``P()``); embeddings,
+layernorms and the lm head stay replicated.
+
+Example::
+
+    >>> from autoshard.models import get_model
+    >>> m = get_model("gpt")
+    >>> _, params = m.init(m.Config())
+    >>> specs = param_specs("gpt", params, "dp_tp", ("data", "model"),
+    ...                     {"data": 2, "model": 4})
+    >>> specs["blocks"]["0"]["attn"]["q"]["kernel"]
+    P(None, 'model')
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from jax.sharding import PartitionSpec as P
+
+from autoshard.models import MODEL_NAMES
+
+__all__ = ["STRATEGIES", "DATA_AXIS", "MODEL_AXIS", "required_axes",
+           "param_specs", "batch_specs", "describe"]
+
+STRATEGIES = ("dp", "fsdp", "tp", "dp_tp")
+DATA_AXIS = "data"
+MODEL_AXIS = "model"
+
+# Mesh axes each strategy shards over.
+_REQUIRED_AXES = {
+    "dp": (DATA_AXIS,),
+    "fsdp": (DATA_AXIS,),
+    "tp": (MODEL_AXIS,),
+    "dp_tp": (DATA_AXIS, MODEL_AXIS),
+}
+
+# Megatron rules keyed by (module name, leaf name), i.e. the last two keys of a
+# param path. The value is the index of the dim split over 'model' (None for
+# replicated). Column-parallel layers split their output features (kernel dim
+# 1, bias dim 0) so no communication is needed until the row-parallel layer,
+# which splits its input features (kernel dim 0) and keeps its bias whole
+# because the bias is added after the partial-sum reduction.
+_COLUMN = {"kernel": 1, "bias": 0}
+_ROW = {"kernel": 0, "bias": None}
+_TP_RULES = {
+    "gpt": {"q": _COLUMN, "k": _COLUMN, "v": _COLUMN, "out": _ROW,
+            "up": _COLUMN, "down": _ROW},
+    "mlp": {"up": _COLUMN, "down": _ROW},
+}
+
+
+def required_axes(strategy: str) -> tuple[str, ...]:
+    """Mesh axes a strategy needs, e.g. ``required_axes("dp_tp") == ('data', 'model')``."""
+    _check_strategy(strategy)
+    return _REQUIRED_AXES[strategy]
+
+
+def _check_strategy(strategy: str) -> None:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
+
+
+def _check_model(model_name: str) -> None:
+    if model_name not in MODEL_NAMES:
+        raise ValueError(f"unknown model {model_name!r}; expected one of {MODEL_NAMES}")
+
+
+def _check_axes(strategy: str, mesh_axis_names) -> None:
+    """Raise a ValueError naming the strategy and its axes if any is missing."""
+    need = _REQUIRED_AXES[strategy]
+    missing = [a for a in need if a not in tuple(mesh_axis_names)]
+    if missing:
+        raise ValueError(
+            f"strategy {strategy!r} needs mesh axes {need}, but the mesh has axes "
+            f"{tuple(mesh_axis_names)} (missing {tuple(missing)}); rename or add "
+            f"the mesh axes, or pick another strategy from {STRATEGIES}")
+
+
+def _axis_size(mesh_shape: Mapping[str, int], axis: str) -> int:
+    if axis not in mesh_shape:
+        raise ValueError(f"mesh_shape {dict(mesh_shape)} has no size for axis {axis!r}")
+    return int(mesh_shape[axis])
+
+
+def _split_dim(rank: int, dim: int | None, axis: str) -> P:
+    """``P`` of length ``rank`` with ``axis`` at ``dim`` (``P()`` if dim is None)."""
+    if dim is None or rank == 0:
+        return P()
+    return P(*(axis if i == dim else None for i in range(rank)))
+
+
+def _map_with_path(fn, tree, path=()):
+    """Map ``fn(path, leaf)`` over a nested dict, returning a dict of the same shape.
+
+    Hand-rolled instead of ``jax.tree.map_with_path`` so the result is built
+    from the dict structure itself, never by flattening ``P`` leaves.
+    """
+    if isinstance(tree, Mapping):
+        return {k: _map_with_path(fn, v, path + (k,)) for k, v in tree.items()}
+    return fn(path, tree)
+
+
+def _fsdp_spec(shape: tuple[int, ...], n_data: int) -> P:
+    # First dim that divides evenly; uneven shards would need padding.
+    for i, size in enumerate(shape):
+        if size > 0 and size % n_data == 0:
+            return _split_dim(len(shape), i, DATA_AXIS)
+    return P()
+
+
+def _tp_spec(model_name: str, path: tuple[str, ...], shape: tuple[int, ...],
+             n_model: int) -> P:
+    rule = _TP_RULES[model_name].get(path[-2]) if len(path) >= 2 else None
+    dim = rule.get(path[-1]) if rule is not None else None
+    if dim is None:
+        return P()
+    # Raise rather than silently replicate: Megatron layers come in
+    # column/row pairs, and replicating one half would change the layout.
+    if dim >= len(shape) or shape[dim] % n_model:
+        raise ValueError(
+            f"tp cannot split param {'/'.join(path)} of shape {tuple(shape)} on dim "
+            f"{dim} over mesh axis {MODEL_AXIS!r} of size {n_model} (not divisible); "
+            f"use a 'model' axis size that divides the layer width")
+    return _split_dim(len(shape), dim, MODEL_AXIS)
+
+
+def param_specs(model_name: str, params: dict, strategy: str,
+                mesh_axis_names: tuple[str, ...],
+                mesh_shape: Mapping[str, int]) -> dict:
+    """PartitionSpecs for ``params`` (same nested-dict structure) under ``strategy``.
+
+    ``mesh_shape`` maps axis name to size; fsdp uses it to pick a divisible dim
+    and tp to check divisibility. Raises ``ValueError`` if the mesh lacks an
+    axis the strategy needs.
+
+    >>> param_specs("mlp", {"blocks": {"0": {"up": {"kernel": np.zeros((16, 64))}}}},
+    ...             "tp", ("model",), {"model": 4})          # doctest: +SKIP
+    {'blocks': {'0': {'up': {'kernel': P(None, 'model')}}}}
+    """
+    _check_model(model_name)
+    _check_strategy(strategy)
+    _check_axes(strategy, mesh_axis_names)
+
+    if strategy == "dp":
+        return _map_with_path(lambda path, x: P(), params)
+    if strategy == "fsdp":
+        n_data = _axis_size(mesh_shape, DATA_AXIS)
+        return _map_with_path(lambda path, x: _fsdp_spec(tuple(x.shape), n_data), params)
+    # tp and dp_tp share the Megatron parameter layout.
+    n_model = _axis_size(mesh_shape, MODEL_AXIS)
+    return _map_with_path(
+        lambda path, x: _tp_spec(model_name, path, tuple(x.shape), n_model), params)
+
+
+def batch_specs(model_name: str, batch: dict, strategy: str,
+                mesh_axis_names: tuple[str, ...]) -> dict:
+    """PartitionSpecs for a batch dict: leading (batch) dim on ``'data'``, or ``P()`` under tp.
+
+    >>> batch_specs("gpt", {"tokens": np.zeros((8, 16))}, "dp", ("data",))   # doctest: +SKIP
+    {'tokens': P('data', None)}
+    """
+    _check_model(model_name)
+    _check_strategy(strategy)
+    _check_axes(strategy, mesh_axis_names)
+    if strategy == "tp":
+        return _map_with_path(lambda path, x: P(), batch)
+    return _map_with_path(lambda path, x: _split_dim(len(x.shape), 0, DATA_AXIS), batch)
+
+
+def describe(specs: Any) -> str:
+    """One ``path: spec`` line per leaf, for logs and error messages."""
+    lines = []
+    _map_with_path(lambda path, s: lines.append(f"{'/'.join(path)}: {s}"), specs)
+    return "\n".join(lines)

@@ -1,0 +1,46 @@
+"""Shared test helpers: meshes, single-device references, HLO collective checks."""
+from __future__ import annotations
+
+from collections import Counter
+
+import jax
+import numpy as np
+
+import autoshard as ash
+from autoshard.runtime.hlo import parse_collectives, summarize
+
+
+def mesh(shape: str):
+    return ash.make_mesh(shape)
+
+
+def hlo_collectives(pf, *args):
+    return parse_collectives(pf.lower(*args).compile().as_text(), pf.mesh)
+
+
+def assert_report_matches_hlo(pf, *args):
+    """The report's collectives (kind, mesh axes, per-device shape) equal the compiled HLO's."""
+    report = pf.report(*args)
+    hlo = hlo_collectives(pf, *args)
+    planned, compiled = summarize(report.collectives), summarize(hlo)
+    assert planned == compiled, (f"report and HLO disagree\nonly in report: {planned - compiled}\n"
+                                 f"only in HLO: {compiled - planned}")
+    assert abs(report.total_wire_bytes - sum(c.wire_bytes for c in hlo)) < 1e-6
+    return report, hlo
+
+
+def count(collectives, kind=None, axes=None) -> int:
+    return sum(1 for c in collectives if (kind is None or c.kind == kind)
+               and (axes is None or tuple(c.mesh_axes) == tuple(axes)))
+
+
+def assert_tree_close(got, want, rtol=1e-5, atol=1e-6):
+    got_leaves, want_leaves = jax.tree.leaves(got), jax.tree.leaves(want)
+    assert len(got_leaves) == len(want_leaves)
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(want)[0]]
+    for path, g, w in zip(paths, got_leaves, want_leaves):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=rtol, atol=atol, err_msg=path)
+
+
+def kinds(collectives) -> Counter:
+    return Counter((c.kind, tuple(c.mesh_axes)) for c in collectives)

@@ -122,7 +122,10 @@ class _Builder:
     def literal(self, val, aval) -> Value:
         return self.new(aval, const=np.asarray(val, dtype=aval.dtype) if np.ndim(val) == 0 else val)
 
-    def inline(self, jaxpr, consts, args: list[Value]) -> list[Value]:
+    def inline(self, jaxpr, consts, args: list[Value], outer_source: str = "<unknown>") -> list[Value]:
+        """Copy ``jaxpr``'s equations in, inlining calls; equations whose own traceback
+        names no user frame (bodies of cached jitted library functions) take the
+        source line of the call that contains them."""
         env: dict = {}
         for var, c in zip(jaxpr.constvars, consts):
             env[var] = self.new(var.aval, const=c)
@@ -136,20 +139,23 @@ class _Builder:
 
         for eqn in jaxpr.eqns:
             ins = [read(a) for a in eqn.invars]
+            source = user_source(eqn.source_info)
+            if source == "<unknown>":
+                source = outer_source
             body_param = _CALL_BODY_PARAM.get(eqn.primitive.name)
             if body_param is not None and body_param in eqn.params:
                 body = eqn.params[body_param]
                 if isinstance(body, jcore.ClosedJaxpr):
-                    outs = self.inline(body.jaxpr, body.consts, ins)
+                    outs = self.inline(body.jaxpr, body.consts, ins, source)
                 else:
-                    outs = self.inline(body, [], ins)
+                    outs = self.inline(body, [], ins, source)
                 for var, o in zip(eqn.outvars, outs):
                     env[var] = o
                 continue
             outs = [self.new(v.aval) for v in eqn.outvars]
             for var, o in zip(eqn.outvars, outs):
                 env[var] = o
-            self.eqns.append(Eqn(eqn.primitive, ins, outs, dict(eqn.params), user_source(eqn.source_info)))
+            self.eqns.append(Eqn(eqn.primitive, ins, outs, dict(eqn.params), source))
         return [read(a) for a in jaxpr.outvars]
 
 

@@ -85,7 +85,7 @@ def row_parallel(h, w2):
     return h @ w2
 
 
-@pytest.mark.parametrize("how", ["constrain", "with_sharding_constraint"])
+@pytest.mark.parametrize("how", ["constrain", "with_sharding_constraint", "bare_spec"])
 def test_row_parallel_result_constrained_split_is_a_reduce_scatter(how):
     m = mesh("data=2,model=4")
     rng = np.random.default_rng(2)
@@ -96,6 +96,8 @@ def test_row_parallel_result_constrained_split_is_a_reduce_scatter(how):
         out = h @ w2
         if how == "constrain":
             return ash.constrain(out, P("data", "model"))
+        if how == "bare_spec":      # the mesh is in context while autoshard traces
+            return jax.lax.with_sharding_constraint(out, P("data", "model"))
         return jax.lax.with_sharding_constraint(out, NamedSharding(m, P("data", "model")))
 
     pf = ash.parallelize(f, mesh=m, in_specs=(P("data", "model"), P("model", None)))

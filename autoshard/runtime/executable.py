@@ -55,6 +55,12 @@ def _aval(x):
     return jax.ShapeDtypeStruct(arr.shape, arr.dtype)
 
 
+def _mesh_context(mesh):
+    if isinstance(mesh, AbstractMesh):
+        return jax.sharding.use_abstract_mesh(mesh)
+    return jax.set_mesh(mesh)
+
+
 @dataclass
 class Compiled:
     program: object
@@ -137,7 +143,9 @@ class ParallelFunction:
             out_store["value"] = out
             return out_leaves
 
-        graph = ir.trace(flat_fun, avals)
+        # With the mesh in context, jax.lax.with_sharding_constraint(x, P(...)) traces too.
+        with _mesh_context(self.mesh):
+            graph = ir.trace(flat_fun, avals)
         out_tree = out_store["tree"]
         out_avals = jax.tree.unflatten(out_tree, [jax.ShapeDtypeStruct(v.shape, v.dtype) for v in graph.outvars])
         if self.out_specs is None:

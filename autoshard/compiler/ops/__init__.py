@@ -86,6 +86,11 @@ class OpRule:
 
     def local_params(self, eqn, ctx: LocalContext) -> dict:
         params = self.localize(eqn, ctx) if self.localize else dict(eqn.params)
+        # Global sharding params (set when a mesh is in context at trace time) mean nothing
+        # inside the per-device program.
+        for key in ("sharding", "out_sharding"):
+            if params.get(key) is not None:
+                params[key] = None
         return params
 
 

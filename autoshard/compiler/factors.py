@@ -102,9 +102,30 @@ def _merge(lists_with_priority):
     return common
 
 
-def _legalize(assignment, sizes, kinds, axis_sizes, reserved) -> list[Assignment]:
+def _tensor_factor_sets(rule) -> list[frozenset]:
+    """The factors each tensor carries: a mesh axis may serve only one factor *of a tensor*
+    (factors that never meet in one tensor, like a loop's input and output, may share it)."""
+    return [frozenset(f for d in dims for f in d)
+            for dims in (*rule.operands, *rule.results, *(d for _, d in rule.linked)) if dims]
+
+
+def _axis_conflicts(assignment, rule) -> list[tuple[str, list[int]]]:
+    conflicts = {}
+    for fs in _tensor_factor_sets(rule):
+        owners: dict[str, list[int]] = {}
+        for f in sorted(fs):
+            for a in assignment[f]:
+                owners.setdefault(a, []).append(f)
+        for a, claim in owners.items():
+            if len(claim) > 1:
+                conflicts.setdefault(a, set()).update(claim)
+    return [(a, sorted(fs)) for a, fs in conflicts.items()]
+
+
+def _legalize(assignment, rule, axis_sizes, reserved) -> list[Assignment]:
     """Drop axes on replicate factors and reserved axes, truncate at non-dividing axes, and
     split axis conflicts into variants (each claimant keeps the axis once)."""
+    sizes, kinds = rule.sizes, rule.kinds
     clean = []
     for f, axes in enumerate(assignment):
         if kinds[f] == "replicate":
@@ -117,11 +138,7 @@ def _legalize(assignment, sizes, kinds, axis_sizes, reserved) -> list[Assignment
             kept.append(a)
             rem //= axis_sizes[a]
         clean.append(tuple(kept))
-    owners: dict[str, list[int]] = {}
-    for f, axes in enumerate(clean):
-        for a in axes:
-            owners.setdefault(a, []).append(f)
-    conflicts = [(a, fs) for a, fs in owners.items() if len(fs) > 1]
+    conflicts = _axis_conflicts(clean, rule)
     if not conflicts:
         return [tuple(clean)]
     variants = []
@@ -131,7 +148,8 @@ def _legalize(assignment, sizes, kinds, axis_sizes, reserved) -> list[Assignment
             for f in fs:
                 if f != keep and a in v[f]:
                     v[f] = v[f][:v[f].index(a)]
-        variants.append(tuple(v))
+        if not _axis_conflicts(v, rule):
+            variants.append(tuple(v))
     return variants
 
 
@@ -147,8 +165,7 @@ def merged_assignment(rule, tensors, axis_sizes) -> tuple[Assignment, bool]:
         m = _merge(lists) if lists else ()
         agree &= all(_prefix_compatible(l, m) for l, _ in lists)
         merged.append(m)
-    owners = [a for axes in merged for a in axes]
-    agree &= len(owners) == len(set(owners))
+    agree &= not _axis_conflicts(merged, rule)
     return tuple(merged), agree, projections
 
 
@@ -162,7 +179,7 @@ def candidate_assignments(rule, tensors, axis_sizes, reserved=()) -> list[Assign
     raw.append(((),) * n)
     out, seen = [], set()
     for r in raw:
-        for v in _legalize(r, rule.sizes, rule.kinds, axis_sizes, set(reserved)):
+        for v in _legalize(r, rule, axis_sizes, set(reserved)):
             if v not in seen:
                 seen.add(v)
                 out.append(v)
@@ -214,7 +231,7 @@ def choose(rule, tensors, axis_sizes, links, reserved=(), passed_partial=()):
     """
     merged, agree, _ = merged_assignment(rule, tensors, axis_sizes)
     if agree:
-        legal = _legalize(merged, rule.sizes, rule.kinds, axis_sizes, set(reserved))
+        legal = _legalize(merged, rule, axis_sizes, set(reserved))
         if legal == [merged]:
             c = assignment_cost(merged, rule, tensors, axis_sizes, links, passed_partial)
             if c is not None:

@@ -31,8 +31,16 @@ _CALL_BODY_PARAM = {
     "custom_jvp_call": "call_jaxpr",
     "custom_vjp_call": "call_jaxpr",
     "custom_vjp_call_jaxpr": "fun_jaxpr",
-    "remat2": "jaxpr",
-    "checkpoint": "jaxpr",
+}
+
+# Primitives whose bodies stay regions: their semantics (loops, branches, rematerialisation)
+# must survive lowering. Param names of the bodies, in order.
+REGION_PARAMS = {
+    "scan": ("jaxpr",),
+    "while": ("cond_jaxpr", "body_jaxpr"),
+    "cond": ("branches",),
+    "remat2": ("jaxpr",),
+    "checkpoint": ("jaxpr",),
 }
 
 
@@ -64,7 +72,10 @@ class Eqn:
     outvars: list[Value]
     params: dict
     source: str                # "file.py:LINE (function)" of the user's code
-    index: int = -1
+    index: int = -1            # unique over the whole program, nested bodies included
+    # Bodies of control flow kept as regions (scan/while body, cond branches, remat):
+    # their values live in the same program and get layouts like any other value.
+    subgraphs: list["Graph"] = field(default_factory=list)
 
 
 @dataclass
@@ -73,6 +84,13 @@ class Graph:
     outvars: list[Value]
     eqns: list[Eqn]
     values: list[Value] = field(default_factory=list)
+
+    def all_eqns(self):
+        """Every equation, nested bodies right after the equation that holds them."""
+        for eqn in self.eqns:
+            yield eqn
+            for sub in eqn.subgraphs:
+                yield from sub.all_eqns()
 
 
 def _jaxpr_name(i: int) -> str:
@@ -155,8 +173,24 @@ class _Builder:
             outs = [self.new(v.aval) for v in eqn.outvars]
             for var, o in zip(eqn.outvars, outs):
                 env[var] = o
-            self.eqns.append(Eqn(eqn.primitive, ins, outs, dict(eqn.params), source))
+            new = Eqn(eqn.primitive, ins, outs, dict(eqn.params), source)
+            for param in REGION_PARAMS.get(eqn.primitive.name, ()):
+                bodies = eqn.params[param]
+                for body in (bodies if isinstance(bodies, (tuple, list)) else (bodies,)):
+                    new.subgraphs.append(self.region(body, source))
+            self.eqns.append(new)
         return [read(a) for a in jaxpr.outvars]
+
+
+    def region(self, body, source: str) -> Graph:
+        """A body as its own graph over fresh values (its equations inlined likewise)."""
+        jaxpr, consts = (body.jaxpr, body.consts) if isinstance(body, jcore.ClosedJaxpr) else (body, [])
+        outer_eqns, self.eqns = self.eqns, []
+        invars = [self.new(v.aval) for v in jaxpr.invars]
+        outvars = self.inline(jaxpr, consts, invars, source)
+        graph = Graph(invars, outvars, self.eqns)
+        self.eqns = outer_eqns
+        return graph
 
 
 def from_closed_jaxpr(closed) -> Graph:
@@ -167,26 +201,50 @@ def from_closed_jaxpr(closed) -> Graph:
     return dce(graph)
 
 
-def dce(graph: Graph) -> Graph:
-    """Drop equations none of whose results reach an output (effects-free jaxprs only)."""
+def dce(graph: Graph, top: bool = True) -> Graph:
+    """Drop equations none of whose results reach an output (effects-free jaxprs only).
+    Region bodies are cleaned too, but keep all their outputs (the loop needs them)."""
     live = {id(v) for v in graph.outvars}
     kept = []
     for eqn in reversed(graph.eqns):
-        if any(id(o) in live for o in eqn.outvars) or eqn.prim.name in ("debug_callback",):
+        if any(id(o) in live for o in eqn.outvars):
             kept.append(eqn)
             live.update(id(v) for v in eqn.invars)
+            eqn.subgraphs = [dce(sub, top=False) for sub in eqn.subgraphs]
     kept.reverse()
-    used = {id(v) for v in graph.invars} | {id(v) for e in kept for v in (*e.invars, *e.outvars)} \
-        | {id(v) for v in graph.outvars}
-    values = [v for v in graph.values if id(v) in used]
-    for i, e in enumerate(kept):
+    out = Graph(graph.invars, graph.outvars, kept, graph.values)
+    if top:
+        _number(out)
+    return out
+
+
+def _number(graph: Graph) -> None:
+    """Unique equation indices and jaxpr-style value names over the whole program."""
+    values, seen = [], set()
+
+    def add(v):
+        if id(v) not in seen:
+            seen.add(id(v))
+            values.append(v)
+    for v in graph.invars:
+        add(v)
+    for i, e in enumerate(graph.all_eqns()):
         e.index = i
+        for v in e.invars:
+            add(v)
+        for sub in e.subgraphs:
+            for v in sub.invars:
+                add(v)
+        for v in e.outvars:
+            add(v)
+    for v in graph.outvars:
+        add(v)
     n = 0
     for v in values:
         if not v.is_const:
             v.name = _jaxpr_name(n)
             n += 1
-    return Graph(graph.invars, graph.outvars, kept, values)
+    graph.values = values
 
 
 def trace(flat_fun, avals) -> Graph:

@@ -58,6 +58,7 @@ class ShardedProgram:
     produced: dict[Value, Layout] = field(default_factory=dict)
     post: dict[Value, Layout] = field(default_factory=dict)
     out_layouts: list[Layout] = field(default_factory=list)
+    region_outputs: dict[int, list] = field(default_factory=dict)   # id(body graph) -> its output layouts
     reshards: list[Reshard] = field(default_factory=list)
     pass_seconds: dict[str, float] = field(default_factory=dict)
 
@@ -77,4 +78,4 @@ class ShardedProgram:
         return self.layouts.get(v, Layout.replicated(len(v.shape)))
 
     def eqn_of(self, index: int) -> Eqn:
-        return self.graph.eqns[index]
+        return next(e for e in self.graph.all_eqns() if e.index == index)

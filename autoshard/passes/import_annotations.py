@@ -71,7 +71,7 @@ def run(program, in_specs, out_specs):
         if v not in program.closed and not v.is_const:
             program.layouts.setdefault(v, lay)
             program.provenance.setdefault(v, Provenance("annotation", f"out_specs {path} = {spec}"))
-    for eqn in graph.eqns:
+    for eqn in graph.all_eqns():
         spec = constraint_spec(eqn)
         if spec is None:
             continue

@@ -20,6 +20,7 @@ from ..compiler.factors import choose, required_layout, result_partial
 from ..compiler.layout import Layout
 from ..compiler.ops import get_rule, partial_passes
 from ..compiler.ops.constraint import constraint_spec
+from ..compiler.ops.control_flow import region_boundaries
 from ..compiler.planner import plan
 from ..compiler.program import Reshard
 from .propagate import eqn_tensors
@@ -46,100 +47,154 @@ def run(program):
 
 def _use_counts(program):
     uses: dict = {}
-    for eqn in program.graph.eqns:
-        for v in set(eqn.invars):
+
+    def count_graph(graph):
+        for v in graph.outvars:
             uses[v] = uses.get(v, 0) + 1
-    for v in program.graph.outvars:
-        uses[v] = uses.get(v, 0) + 1
+        for eqn in graph.eqns:
+            for v in set(eqn.invars):
+                uses[v] = uses.get(v, 0) + 1
+            for sub in eqn.subgraphs:
+                count_graph(sub)
+    count_graph(program.graph)
     return uses
 
 
+class _Placer:
+    """One placement of the whole program (nested bodies included)."""
+
+    def __init__(self, program, eager):
+        self.p, self.eager = program, eager
+        mesh = program.mesh
+        self.axes, self.sizes = mesh.axis_names, program.axis_sizes
+        self.links = {a: mesh.link(a) for a in self.axes}
+        self.actual: dict = {}
+        self.producer: dict = {}
+        self.planned: set = set()
+        self.reduced_at_consumer: set = set()
+
+    def layout_of(self, v):
+        return self.actual[v] if v in self.actual else self.p.layouts[v]
+
+    def canonical(self, v):
+        return self.p.layouts[v].without_partial()
+
+    def record(self, v, src, dst, reason, source, consumer):
+        key = (v, dst)
+        if key in self.planned or src == dst:
+            return
+        self.planned.add(key)
+        self.p.reshards.append(Reshard(v, src, dst, plan(src, dst, v.shape, self.sizes), reason, source, consumer))
+
+    def origin(self, v) -> str:
+        e = self.producer.get(v)
+        return f"{e.prim.name} at {e.source}" if e is not None else "the input"
+
+    def why(self, v, src, dst, consumer) -> str:
+        axes = self.axes
+        if src.partial and dst.partial != src.partial:
+            ops = ",".join(sorted({op for _, op in src.partial}))
+            over = ",".join(a for a, _ in src.partial)
+            return (f"{self.origin(v)} left it P({ops}) over {over}; {consumer} needs it reduced "
+                    f"to {_fmt(dst, axes)}")
+        return f"{consumer} needs it as {_fmt(dst, axes)}; it is {_fmt(src, axes)} after {self.origin(v)}"
+
+    def require(self, eqn, i, v, want, consumer):
+        have = self.layout_of(v)
+        self.p.operand_layouts[(eqn.index, i)] = want
+        if have != want:
+            if have.partial and not set(have.partial) <= set(want.partial):
+                self.reduced_at_consumer.add(v)
+            self.record(v, have, want, self.why(v, have, want, consumer), eqn.source, consumer)
+
+    def produce(self, eqn, o, made, where):
+        p = self.p
+        p.produced[o] = made
+        self.producer[o] = eqn
+        self.actual[o] = made
+        target = p.layouts[o]
+        if (o in p.closed and made != target) or (o in self.eager and made.partial):
+            p.post[o] = target
+            self.actual[o] = target
+            reason = (f"constraint at {eqn.source} pins it to {_fmt(target, self.axes)}" if o in p.closed
+                      else f"P result of {where} is used by several consumers, one of which needs it "
+                           f"reduced: reduced once here")
+            self.record(o, made, target, reason, eqn.source, where)
+
+    def graph(self, graph, out_layouts, out_names):
+        for eqn in graph.eqns:
+            if eqn.subgraphs:
+                self.region(eqn)
+            else:
+                self.equation(eqn)
+        for v, want, name in zip(graph.outvars, out_layouts, out_names):
+            have = self.layout_of(v)
+            if have != want:
+                if have.partial:
+                    self.reduced_at_consumer.add(v)
+                e = self.producer.get(v)
+                self.record(v, have, want, self.why(v, have, want, name),
+                            e.source if e is not None else "<input>", name)
+
+    def region(self, eqn):
+        ins, outs, body_outs = region_boundaries(eqn, self.canonical)
+        where = f"{eqn.prim.name} at {eqn.source}"
+        self.p.assignments[eqn.index] = ()
+        for i, (v, want) in enumerate(zip(eqn.invars, ins)):
+            self.require(eqn, i, v, want, f"{where} (loop/branch input {i})")
+        for sub, sub_outs in zip(eqn.subgraphs, body_outs):
+            for v in sub.invars:
+                self.actual[v] = self.canonical(v)
+            self.graph(sub, sub_outs, [f"body output {k} of {where}" for k in range(len(sub_outs))])
+        for o, made in zip(eqn.outvars, outs):
+            self.produce(eqn, o, made, where)
+
+    def equation(self, eqn):
+        p = self.p
+        fr = p.rules[eqn.index]
+        rule = get_rule(eqn)
+        ins = [self.layout_of(v) for v in eqn.invars]
+        parts = [lay.partial for lay in ins]
+        keep = False
+        if any(parts) and constraint_spec(eqn) is None and partial_passes(rule.partial_mode(eqn), eqn, parts):
+            out_elems = sum(math.prod(o.shape) for o in eqn.outvars)
+            in_elems = max(math.prod(v.shape) for v, q in zip(eqn.invars, parts) if q)
+            keep = out_elems <= in_elems
+        passed = tuple(sorted({q for qs in parts for q in qs})) if keep else ()
+        tensors = eqn_tensors(p, eqn, self.layout_of)
+        for t, q in zip(tensors, parts):
+            t.keep_partial = q if keep else ()
+        best, _ = choose(fr, tensors, self.sizes, self.links, reserved={a for a, _ in passed},
+                         passed_partial=passed)
+        p.assignments[eqn.index] = best
+        reduced = result_partial(best, fr)
+        where = f"{eqn.prim.name} at {eqn.source}"
+        for i, (v, t) in enumerate(zip(eqn.invars, tensors)):
+            want = required_layout(t, best, fr, self.sizes, reduced)
+            assert want is not None, f"chosen assignment not expressible on operand {i} of {where}"
+            self.require(eqn, i, v, want, where)
+        for j, o in enumerate(eqn.outvars):
+            base = required_layout(tensors[len(eqn.invars) + j], best, fr, self.sizes, reduced)
+            self.produce(eqn, o, base.with_partial(set(reduced) | set(passed)), where)
+
+
 def _place(program, eager) -> set:
-    graph, mesh = program.graph, program.mesh
-    axes, sizes = mesh.axis_names, program.axis_sizes
-    links = {a: mesh.link(a) for a in axes}
     program.assignments.clear()
     program.operand_layouts.clear()
     program.produced.clear()
     program.post.clear()
     program.reshards.clear()
-    program.out_layouts = []
-    actual: dict = {v: program.layouts[v] for v in graph.invars}
-    producer: dict = {}
-    planned: set = set()
-    reduced_at_consumer: set = set()
-
-    def layout_of(v):
-        return actual.get(v) if v in actual else program.layouts[v]
-
-    def record(v, src, dst, reason, source, consumer):
-        key = (v, dst)
-        if key in planned or src == dst:
-            return
-        planned.add(key)
-        program.reshards.append(Reshard(v, src, dst, plan(src, dst, v.shape, sizes),
-                                        reason, source, consumer))
-
-    def origin(v) -> str:
-        e = producer.get(v)
-        return f"{e.prim.name} at {e.source}" if e is not None else "the input"
-
-    def why(v, src, dst, eqn_name) -> str:
-        if src.partial and dst.partial != src.partial:
-            ops = ",".join(sorted({op for _, op in src.partial}))
-            over = ",".join(a for a, _ in src.partial)
-            return (f"{origin(v)} left it P({ops}) over {over}; {eqn_name} needs it reduced "
-                    f"to {_fmt(dst, axes)}")
-        return f"{eqn_name} needs it as {_fmt(dst, axes)}; it is {_fmt(src, axes)} after {origin(v)}"
-
-    for eqn in graph.eqns:
-        fr = program.rules[eqn.index]
-        rule = get_rule(eqn)
-        ins = [layout_of(v) for v in eqn.invars]
-        parts = [lay.partial for lay in ins]
-        keep = False
-        if any(parts) and constraint_spec(eqn) is None and partial_passes(rule.partial_mode(eqn), eqn, parts):
-            out_elems = sum(math.prod(o.shape) for o in eqn.outvars)
-            in_elems = max(math.prod(v.shape) for v, p in zip(eqn.invars, parts) if p)
-            keep = out_elems <= in_elems
-        passed = tuple(sorted({p for ps in parts for p in ps})) if keep else ()
-        tensors = eqn_tensors(program, eqn, layout_of)
-        for t, p in zip(tensors, parts):
-            t.keep_partial = p if keep else ()
-        best, _ = choose(fr, tensors, sizes, links, reserved={a for a, _ in passed}, passed_partial=passed)
-        program.assignments[eqn.index] = best
-        reduced = result_partial(best, fr)
-        where = f"{eqn.prim.name} at {eqn.source}"
-        for i, (v, t) in enumerate(zip(eqn.invars, tensors)):
-            want = required_layout(t, best, fr, sizes, reduced)
-            assert want is not None, f"chosen assignment not expressible on operand {i} of {where}"
-            program.operand_layouts[(eqn.index, i)] = want
-            if ins[i] != want:
-                if ins[i].partial and not set(ins[i].partial) <= set(want.partial):
-                    reduced_at_consumer.add(v)
-                record(v, ins[i], want, why(v, ins[i], want, where), eqn.source, where)
-        for j, o in enumerate(eqn.outvars):
-            t = tensors[len(eqn.invars) + j]
-            base = required_layout(t, best, fr, sizes, reduced)
-            made = base.with_partial(set(reduced) | set(passed))
-            program.produced[o] = made
-            producer[o] = eqn
-            actual[o] = made
-            target = program.layouts[o]
-            if (o in program.closed and made != target) or (o in eager and made.partial):
-                program.post[o] = target
-                actual[o] = target
-                reason = (f"constraint at {eqn.source} pins it to {_fmt(target, axes)}" if o in program.closed
-                          else f"P result of {where} is used by several consumers, one of which needs it "
-                               f"reduced: reduced once here")
-                record(o, made, target, reason, eqn.source, where)
-    for k, v in enumerate(graph.outvars):
-        want = program.out_specs[k] if program.out_specs[k] is not None else program.layouts[v].without_partial()
-        program.out_layouts.append(want)
-        have = layout_of(v)
-        if have != want:
-            if have.partial:
-                reduced_at_consumer.add(v)
-            record(v, have, want, why(v, have, want, f"output {program.out_paths[k]}"),
-                   producer[v].source if v in producer else "<input>", f"output {program.out_paths[k]}")
-    return reduced_at_consumer
+    program.region_outputs.clear()
+    placer = _Placer(program, eager)
+    graph = program.graph
+    for v in graph.invars:
+        placer.actual[v] = program.layouts[v]
+    program.out_layouts = [program.out_specs[k] if program.out_specs[k] is not None
+                           else program.layouts[v].without_partial() for k, v in enumerate(graph.outvars)]
+    placer.graph(graph, program.out_layouts, [f"output {path}" for path in program.out_paths])
+    for eqn in graph.all_eqns():
+        if eqn.subgraphs:
+            _, _, body_outs = region_boundaries(eqn, placer.canonical)
+            for sub, outs in zip(eqn.subgraphs, body_outs):
+                program.region_outputs[id(sub)] = outs
+    return placer.reduced_at_consumer

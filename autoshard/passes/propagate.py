@@ -20,7 +20,7 @@ name = "propagate"
 MAX_SWEEPS = 8
 
 
-def eqn_tensors(program, eqn, layout_of, with_partial=False):
+def eqn_tensors(program, eqn, layout_of, with_linked=False):
     """The chooser's view of one equation's operands and results."""
     fr = program.rules[eqn.index]
     tensors = []
@@ -31,23 +31,28 @@ def eqn_tensors(program, eqn, layout_of, with_partial=False):
     for j, v in enumerate(eqn.outvars):
         tensors.append(Tensor(fr.results[j], v.shape, v.dtype.itemsize, program.layouts.get(v),
                               0 if v in program.closed else 1, is_result=True))
+    if with_linked:
+        for v, dims in fr.linked:
+            tensors.append(Tensor(dims, v.shape, v.dtype.itemsize, layout_of(v),
+                                  0 if v in program.closed else 1))
     return tensors
 
 
 def run(program):
     graph, mesh = program.graph, program.mesh
     sizes, links = program.axis_sizes, {a: mesh.link(a) for a in mesh.axis_names}
-    for eqn in graph.eqns:
+    eqns = list(graph.all_eqns())
+    for eqn in eqns:
         program.rules[eqn.index] = get_rule(eqn).factors(eqn)
     layouts = program.layouts
 
     def step(eqn) -> bool:
-        tensors = eqn_tensors(program, eqn, layouts.get)
+        tensors = eqn_tensors(program, eqn, layouts.get, with_linked=True)
         if all(t.layout is None for t in tensors):
             return False
         fr = program.rules[eqn.index]
         best, _ = choose(fr, tensors, sizes, links)
-        values = list(eqn.invars) + list(eqn.outvars)
+        values = list(eqn.invars) + list(eqn.outvars) + [v for v, _ in fr.linked]
         known = tuple(v for v, t in zip(values, tensors) if t.layout is not None and not v.is_const)
         changed = False
         for v, t in zip(values, tensors):
@@ -68,9 +73,9 @@ def run(program):
 
     for _ in range(MAX_SWEEPS):
         changed = False
-        for eqn in graph.eqns:
+        for eqn in eqns:
             changed |= step(eqn)
-        for eqn in reversed(graph.eqns):
+        for eqn in reversed(eqns):
             changed |= step(eqn)
         if not changed:
             break

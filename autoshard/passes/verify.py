@@ -15,7 +15,7 @@ name = "verify"
 def run(program):
     sizes = program.axis_sizes
     planned = {(r.value, r.dst) for r in program.reshards}
-    for eqn in program.graph.eqns:
+    for eqn in program.graph.all_eqns():
         for i, v in enumerate(eqn.invars):
             want = program.operand_layouts[(eqn.index, i)]
             have = program.final_layout(v)

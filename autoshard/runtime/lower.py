@@ -15,6 +15,7 @@ from jax.sharding import NamedSharding
 
 from ..compiler.layout import Layout
 from ..compiler.ops import LocalContext, get_rule
+from ..compiler.ops.control_flow import lower_region
 from ..compiler.planner import plan
 from . import collectives
 
@@ -22,45 +23,53 @@ from . import collectives
 def local_function(program):
     graph, sizes = program.graph, program.axis_sizes
 
-    def local(*args):
-        env = dict(zip(graph.invars, args))
+    def fetch(env, cache, v, want: Layout):
+        if v.is_const:
+            have = Layout.replicated(len(v.shape))
+            if want == have:
+                return v.const
+            x = jnp.asarray(v.const)
+        else:
+            have, x = program.final_layout(v), env[v]
+        if have == want:
+            return x
+        key = (v, want)
+        if key not in cache:
+            cache[key] = collectives.apply(x, plan(have, want, v.shape, sizes), sizes)
+        return cache[key]
+
+    def run_graph(g, args, out_layouts=None):
+        """Interpret one graph (the program or a loop/branch body) per device."""
+        env = dict(zip(g.invars, args))
         cache: dict = {}
-
-        def fetch(v, want: Layout):
-            if v.is_const:
-                have = Layout.replicated(len(v.shape))
-                if want == have:
-                    return v.const
-                x = jnp.asarray(v.const)
-            else:
-                have, x = program.final_layout(v), env[v]
-            if have == want:
-                return x
-            key = (v, want)
-            if key not in cache:
-                cache[key] = collectives.apply(x, plan(have, want, v.shape, sizes), sizes)
-            return cache[key]
-
-        for eqn in graph.eqns:
+        for eqn in g.eqns:
             in_lays = tuple(program.operand_layouts[(eqn.index, i)] for i in range(len(eqn.invars)))
-            ins = [fetch(v, lay) for v, lay in zip(eqn.invars, in_lays)]
-            out_lays = tuple(program.produced[o] for o in eqn.outvars)
-            ctx = LocalContext(
-                tuple(lay.local_shape(v.shape, sizes) for v, lay in zip(eqn.invars, in_lays)),
-                tuple(lay.local_shape(o.shape, sizes) for o, lay in zip(eqn.outvars, out_lays)),
-                in_lays, out_lays, sizes)
-            rule = get_rule(eqn)
-            if rule.lower is not None:
-                outs = rule.lower(eqn, ctx, ins)
+            ins = [fetch(env, cache, v, lay) for v, lay in zip(eqn.invars, in_lays)]
+            if eqn.subgraphs:
+                outs = lower_region(eqn, ins, run_graph)
             else:
-                outs = eqn.prim.bind(*ins, **rule.local_params(eqn, ctx))
-                if not eqn.prim.multiple_results:
-                    outs = [outs]
+                out_lays = tuple(program.produced[o] for o in eqn.outvars)
+                ctx = LocalContext(
+                    tuple(lay.local_shape(v.shape, sizes) for v, lay in zip(eqn.invars, in_lays)),
+                    tuple(lay.local_shape(o.shape, sizes) for o, lay in zip(eqn.outvars, out_lays)),
+                    in_lays, out_lays, sizes)
+                rule = get_rule(eqn)
+                if rule.lower is not None:
+                    outs = rule.lower(eqn, ctx, ins)
+                else:
+                    outs = eqn.prim.bind(*ins, **rule.local_params(eqn, ctx))
+                    if not eqn.prim.multiple_results:
+                        outs = [outs]
             for o, x in zip(eqn.outvars, outs):
                 if o in program.post:
                     x = collectives.apply(x, plan(program.produced[o], program.post[o], o.shape, sizes), sizes)
                 env[o] = x
-        return tuple(fetch(v, lay) for v, lay in zip(graph.outvars, program.out_layouts))
+        if out_layouts is None:
+            out_layouts = program.region_outputs[id(g)]
+        return [fetch(env, cache, v, lay) for v, lay in zip(g.outvars, out_layouts)]
+
+    def local(*args):
+        return tuple(run_graph(graph, list(args), program.out_layouts))
 
     return local
 

@@ -41,6 +41,9 @@ class FactorRule:
     # Operands that accumulate into the result (scatter-add's operand): when a reduction
     # factor is split they must carry the same partial as the result.
     accumulators: tuple[int, ...] = ()
+    # Values of nested bodies (control flow) tied to this equation's factors: pairs of
+    # (Value, dims). Propagation moves layouts across the region boundary through them.
+    linked: tuple = ()
 
 
 class FactorBuilder:
@@ -58,10 +61,10 @@ class FactorBuilder:
         self.kinds.append(kind)
         return (len(self.sizes) - 1,)
 
-    def build(self, operands, results, accumulators=()) -> FactorRule:
+    def build(self, operands, results, accumulators=(), linked=()) -> FactorRule:
         return FactorRule(tuple(self.sizes), tuple(self.kinds),
                           tuple(tuple(o) for o in operands), tuple(tuple(r) for r in results),
-                          tuple(accumulators))
+                          tuple(accumulators), tuple((v, tuple(d)) for v, d in linked))
 
 
 @dataclass(frozen=True)
@@ -154,4 +157,4 @@ def _load_families():
     global _LOADED
     if not _LOADED:
         _LOADED = True
-        from . import constraint, dot, elementwise, indexing, reduction, shape  # noqa: F401
+        from . import constraint, control_flow, dot, elementwise, indexing, reduction, shape  # noqa: F401

@@ -1,0 +1,184 @@
+"""Control flow and rematerialisation: ``scan``, ``while``, ``cond``, ``remat2``.
+
+Their bodies stay regions of the program (``Eqn.subgraphs``): every body value gets a layout
+like any other value, and the equation's rule *links* the region boundary to its operands
+and results, so propagation flows in and out of loops and branches. For ``scan`` over
+layers with stacked weights ``w[L, D, F]``::
+
+    operands   w (l!)(d)(f)     carry x (b)(d)
+    body       w_i (d)(f)       carry_in (b)(d)  carry_out (b)(d)
+    results    carry (b)(d)
+
+The scanned dim ``l`` is never split (each iteration reads one slice). The loop carry has
+one layout in every iteration: init, carry-in, carry-out and the final carry share factors,
+and ``insert_collectives`` reshards the body's carry-out back into the carry-in layout.
+Lowering rebuilds the loop around the per-device body (``lax.scan`` / ``while_loop`` /
+``switch`` / ``checkpoint``), so loops stay loops and remat stays remat.
+"""
+from __future__ import annotations
+
+from . import FactorBuilder, register
+
+
+def _same_dims(fb, shape):
+    return [fb.new(s) for s in shape]
+
+
+@register("scan")
+def scan_factors(eqn):
+    p = eqn.params
+    nc, nk = p["num_consts"], p["num_carry"]
+    (body,) = eqn.subgraphs
+    fb = FactorBuilder()
+    operands, results, linked = [None] * len(eqn.invars), [None] * len(eqn.outvars), []
+    for i in range(nc):                                        # consts
+        dims = _same_dims(fb, eqn.invars[i].shape)
+        operands[i] = dims
+        linked.append((body.invars[i], dims))
+    for k in range(nk):                                        # carries
+        dims = _same_dims(fb, eqn.invars[nc + k].shape)
+        operands[nc + k] = dims
+        results[k] = dims
+        linked += [(body.invars[nc + k], dims), (body.outvars[k], dims)]
+    for i in range(nc + nk, len(eqn.invars)):                  # xs: slice i of dim 0 per step
+        shape = eqn.invars[i].shape
+        inner = _same_dims(fb, shape[1:])
+        operands[i] = [fb.new(shape[0], "replicate")] + inner
+        linked.append((body.invars[i], inner))
+    for j in range(nk, len(eqn.outvars)):                      # ys: stacked along dim 0
+        shape = eqn.outvars[j].shape
+        inner = _same_dims(fb, shape[1:])
+        results[j] = [fb.new(shape[0], "replicate")] + inner
+        linked.append((body.outvars[j], inner))
+    return fb.build(operands, results, linked=linked)
+
+
+@register("while")
+def while_factors(eqn):
+    p = eqn.params
+    cn, bn = p["cond_nconsts"], p["body_nconsts"]
+    cond, body = eqn.subgraphs
+    fb = FactorBuilder()
+    operands, linked = [], []
+    for i in range(cn):
+        dims = _same_dims(fb, eqn.invars[i].shape)
+        operands.append(dims)
+        linked.append((cond.invars[i], dims))
+    for i in range(bn):
+        dims = _same_dims(fb, eqn.invars[cn + i].shape)
+        operands.append(dims)
+        linked.append((body.invars[i], dims))
+    results = []
+    for k, v in enumerate(eqn.invars[cn + bn:]):
+        dims = _same_dims(fb, v.shape)
+        operands.append(dims)
+        results.append(dims)
+        linked += [(cond.invars[cn + k], dims), (body.invars[bn + k], dims), (body.outvars[k], dims)]
+    return fb.build(operands, results, linked=linked)
+
+
+@register("cond")
+def cond_factors(eqn):
+    fb = FactorBuilder()
+    operands, linked = [[()] * len(eqn.invars[0].shape)], []
+    for i, v in enumerate(eqn.invars[1:]):
+        dims = _same_dims(fb, v.shape)
+        operands.append(dims)
+        linked += [(branch.invars[i], dims) for branch in eqn.subgraphs]
+    results = []
+    for j, v in enumerate(eqn.outvars):
+        dims = _same_dims(fb, v.shape)
+        results.append(dims)
+        linked += [(branch.outvars[j], dims) for branch in eqn.subgraphs]
+    return fb.build(operands, results, linked=linked)
+
+
+@register("remat2", "checkpoint")
+def remat_factors(eqn):
+    (body,) = eqn.subgraphs
+    fb = FactorBuilder()
+    operands, results, linked = [], [], []
+    for i, v in enumerate(eqn.invars):
+        dims = _same_dims(fb, v.shape)
+        operands.append(dims)
+        linked.append((body.invars[i], dims))
+    for j, v in enumerate(eqn.outvars):
+        dims = _same_dims(fb, v.shape)
+        results.append(dims)
+        linked.append((body.outvars[j], dims))
+    return fb.build(operands, results, linked=linked)
+
+
+# -- region boundary layouts (used by insert_collectives and lower) -------------------------
+def region_boundaries(eqn, layout_of):
+    """For a region equation: the layouts its operands must have, the layouts its results
+    get, and for each body graph the layouts its outputs must have. All canonical (no
+    partials): a loop carries one fixed layout."""
+    from ..layout import Layout
+    name = eqn.prim.name
+
+    def stacked(lay):
+        return Layout(((),) + lay.dims)
+    if name == "scan":
+        p = eqn.params
+        nc, nk = p["num_consts"], p["num_carry"]
+        (body,) = eqn.subgraphs
+        carry = [layout_of(body.invars[nc + k]) for k in range(nk)]
+        ins = [layout_of(body.invars[i]) for i in range(nc)] + carry + [
+            stacked(layout_of(body.invars[i])) for i in range(nc + nk, len(eqn.invars))]
+        ys = [layout_of(body.outvars[j]) for j in range(nk, len(eqn.outvars))]
+        return ins, carry + [stacked(l) for l in ys], [carry + ys]
+    if name == "while":
+        p = eqn.params
+        cn, bn = p["cond_nconsts"], p["body_nconsts"]
+        cond, body = eqn.subgraphs
+        carry = [layout_of(v) for v in body.invars[bn:]]
+        ins = [layout_of(v) for v in cond.invars[:cn]] + [layout_of(v) for v in body.invars[:bn]] + carry
+        return ins, carry, [[Layout(())], carry]
+    if name == "cond":
+        outs = [layout_of(v) for v in eqn.outvars]
+        ins = [Layout.replicated(len(eqn.invars[0].shape))] + [
+            layout_of(v) for v in eqn.subgraphs[0].invars]
+        return ins, outs, [outs] * len(eqn.subgraphs)
+    (body,) = eqn.subgraphs                                   # remat
+    outs = [layout_of(v) for v in eqn.outvars]
+    return [layout_of(v) for v in body.invars], outs, [outs]
+
+
+def region_input_layouts(eqn, layout_of):
+    """Layouts the body graphs' inputs have (their canonical layouts), per body."""
+    return [[layout_of(v) for v in sub.invars] for sub in eqn.subgraphs]
+
+
+def lower_region(eqn, args, run_graph):
+    """Rebuild the control flow around per-device bodies; ``run_graph(graph, args)`` runs one
+    body in the per-device program."""
+    import jax
+    from jax import lax
+    name, p = eqn.prim.name, eqn.params
+    if name == "scan":
+        nc, nk = p["num_consts"], p["num_carry"]
+        (body,) = eqn.subgraphs
+        consts, init, xs = args[:nc], args[nc:nc + nk], args[nc + nk:]
+
+        def step(carry, x):
+            outs = run_graph(body, list(consts) + list(carry) + list(x))
+            return outs[:nk], outs[nk:]
+        carry, ys = lax.scan(step, list(init), list(xs), length=p["length"], reverse=p["reverse"],
+                             unroll=p["unroll"])
+        return list(carry) + list(ys)
+    if name == "while":
+        cn, bn = p["cond_nconsts"], p["body_nconsts"]
+        cond, body = eqn.subgraphs
+        cconsts, bconsts, init = args[:cn], args[cn:cn + bn], args[cn + bn:]
+        out = lax.while_loop(lambda c: run_graph(cond, list(cconsts) + list(c))[0],
+                             lambda c: run_graph(body, list(bconsts) + list(c)), list(init))
+        return list(out)
+    if name == "cond":
+        index, ops = args[0], args[1:]
+        branches = [lambda *a, g=g: run_graph(g, list(a)) for g in eqn.subgraphs]
+        return list(lax.switch(index, branches, *ops))
+    (body,) = eqn.subgraphs
+    fn = jax.checkpoint(lambda *a: run_graph(body, list(a)), prevent_cse=p.get("prevent_cse", True),
+                        policy=p.get("policy"))
+    return list(fn(*args))

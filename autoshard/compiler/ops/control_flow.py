@@ -179,6 +179,15 @@ def lower_region(eqn, args, run_graph):
         branches = [lambda *a, g=g: run_graph(g, list(a)) for g in eqn.subgraphs]
         return list(lax.switch(index, branches, *ops))
     (body,) = eqn.subgraphs
+    if p.get("differentiated") and p.get("prevent_cse", True):
+        # As JAX lowers remat: the recomputation's inputs pass an optimization barrier so
+        # XLA cannot CSE it with the forward pass (rematerialisation survives).
+        args = lax.optimization_barrier(list(args))
+        return list(run_graph(body, list(args)))
+    if p.get("differentiated"):
+        return list(run_graph(body, list(args)))
+    # Not differentiated yet (the function is differentiated after parallelize traced it):
+    # keep it a checkpoint so a later jax.grad still rematerialises.
     fn = jax.checkpoint(lambda *a: run_graph(body, list(a)), prevent_cse=p.get("prevent_cse", True),
                         policy=p.get("policy"))
     return list(fn(*args))

@@ -56,13 +56,6 @@ def test_in_specs_not_matching_argument_structure():
     assert "args[1]" in msg and "in_specs[1] does not match the structure" in msg
 
 
-def test_spec_on_non_divisible_dim_is_a_clear_error_not_a_silent_replication():
-    with pytest.raises(ash.SpecError) as info:
-        call((P("data"), None), args=(np.ones((3, 8), np.float32), params()))
-    msg = str(info.value)
-    assert "dim 0 of size 3 does not divide" in msg and "args[0]" in msg
-
-
 def test_constraint_with_unknown_axis_names_the_source_line():
     def f(x):
         return ash.constrain(x * 2, P("nope"))

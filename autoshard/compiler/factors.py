@@ -49,6 +49,9 @@ def project(dims, layout: Layout, sizes, axis_sizes) -> dict[int, tuple[str, ...
     for fids, axes in zip(dims, layout.dims):
         if not axes or not fids:
             continue
+        if len(fids) == 1:          # a dim of one factor takes every axis, even unevenly
+            out[fids[0]] = tuple(axes)
+            continue
         k, rem = 0, sizes[fids[0]]
         for a in axes:
             n = axis_sizes[a]
@@ -122,10 +125,19 @@ def _axis_conflicts(assignment, rule) -> list[tuple[str, list[int]]]:
     return [(a, sorted(fs)) for a, fs in conflicts.items()]
 
 
+def compound_factors(rule) -> frozenset:
+    """Factors that share a dim with another factor (reshape): these must split evenly.
+    Factors alone in their dims may split unevenly (padded, masked where it matters)."""
+    return frozenset(f for dims in (*rule.operands, *rule.results, *(d for _, d in rule.linked))
+                     for d in dims if len(d) > 1 for f in d)
+
+
 def _legalize(assignment, rule, axis_sizes, reserved) -> list[Assignment]:
-    """Drop axes on replicate factors and reserved axes, truncate at non-dividing axes, and
-    split axis conflicts into variants (each claimant keeps the axis once)."""
+    """Drop axes on replicate factors and reserved axes, truncate compound factors at
+    non-dividing axes, and split axis conflicts into variants (each claimant keeps the
+    axis once)."""
     sizes, kinds = rule.sizes, rule.kinds
+    compound = compound_factors(rule)
     clean = []
     for f, axes in enumerate(assignment):
         if kinds[f] == "replicate":
@@ -133,7 +145,7 @@ def _legalize(assignment, rule, axis_sizes, reserved) -> list[Assignment]:
             continue
         kept, rem = [], sizes[f]
         for a in axes:
-            if a in reserved or rem % axis_sizes[a] != 0:
+            if a in reserved or (f in compound and rem % axis_sizes[a] != 0):
                 break
             kept.append(a)
             rem //= axis_sizes[a]
@@ -216,8 +228,8 @@ def assignment_cost(assignment, rule, tensors, axis_sizes, links, passed_partial
             cost += reshard_time(produced, target, t.shape, t.itemsize, axis_sizes, links)
         elif t.layout is not None:
             cost += reshard_time(t.layout, want, t.shape, t.itemsize, axis_sizes, links)
-    points = math.prod(rule.sizes) / max(1, math.prod(
-        axis_sizes[a] for axes in assignment for a in axes))
+    points = math.prod(-(-size // math.prod(axis_sizes[a] for a in axes))
+                       for size, axes in zip(rule.sizes, assignment))
     return cost + points * COMPUTE_SECONDS_PER_POINT
 
 

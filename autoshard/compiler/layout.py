@@ -97,9 +97,21 @@ class Layout:
         return not self.split_axes and not self.partial
 
     def local_shape(self, shape, axis_sizes: dict[str, int]) -> tuple[int, ...]:
-        """Per-device block shape; dims must divide (validated upstream)."""
-        return tuple(size // math.prod(axis_sizes[a] for a in axes)
+        """Per-device block shape. A dim that does not divide by its axes is padded at the
+        end to a multiple of them: every block has ``ceil(size / n)`` rows."""
+        return tuple(-(-size // math.prod(axis_sizes[a] for a in axes))
                      for size, axes in zip(shape, self.dims))
+
+    def uneven_dims(self, shape, axis_sizes: dict[str, int]) -> tuple[int, ...]:
+        """Dims split over axes that do not divide them (padded per device)."""
+        return tuple(d for d, (size, axes) in enumerate(zip(shape, self.dims))
+                     if axes and size % math.prod(axis_sizes[a] for a in axes))
+
+    def even_part(self, shape, axis_sizes: dict[str, int]) -> "Layout":
+        """This layout with uneven dims unsplit: what a ``jax.Array`` can hold (JAX arrays
+        cannot be split unevenly), so inputs arrive and outputs leave this way."""
+        bad = set(self.uneven_dims(shape, axis_sizes))
+        return Layout(tuple(() if d in bad else axes for d, axes in enumerate(self.dims)), self.partial)
 
     def refines(self, other: "Layout") -> bool:
         """True if ``self`` is ``other`` with more axes appended on some dims."""

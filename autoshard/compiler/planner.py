@@ -36,6 +36,10 @@ class Transform:
     in_shape: tuple = ()        # per-device operand shape
     src: Layout | None = None
     dst: Layout | None = None
+    # Uneven dims (padded per device): pad ``dim`` to ``pad_to`` before slicing or
+    # reduce-scattering it; cut it to ``trim`` (its true size) after gathering it whole.
+    pad_to: int = -1
+    trim: int = -1
 
     @property
     def is_collective(self) -> bool:
@@ -73,19 +77,32 @@ def _plan(src: Layout, dst: Layout, shape, axis_items) -> tuple[Transform, ...]:
     def layout_now():
         return Layout(tuple(tuple(a) for a in cur), tuple(sorted(partial.items())))
 
+    def n_of(axes):
+        return math.prod(sizes[a] for a in axes)
+
+    def uneven(d, axes):
+        return bool(axes) and shape[d] % n_of(axes) != 0
+
     # 1. Remove axes beyond the common prefix, minor first: all-to-all when the axis is
-    #    wanted next on another dim, else all-gather.
+    #    wanted next on another dim, else all-gather. An uneven dim keeps nothing unless
+    #    it is unchanged: its blocks are padded for the whole axis list, so a prefix of the
+    #    list does not describe them; it is gathered whole and cut to its true size.
     for d in range(len(cur)):
         keep = 0
         while keep < min(len(cur[d]), len(dst.dims[d])) and cur[d][keep] == dst.dims[d][keep]:
             keep += 1
+        if (uneven(d, src.dims[d]) or uneven(d, dst.dims[d])) and tuple(src.dims[d]) != tuple(dst.dims[d]):
+            keep = 0
         while len(cur[d]) > keep:
             a = cur[d][-1]
             n = sizes[a]
             before_shape = tuple(local)
             before = layout_now()
             target = next((e for e in range(len(cur)) if e != d and _next_axis(cur[e], dst.dims[e]) == a
-                           and local[e] % n == 0), None)
+                           and local[e] % n == 0 and not uneven(e, dst.dims[e])
+                           and not uneven(e, tuple(cur[e]) + (a,))), None)
+            if uneven(d, cur[d]):
+                target = None
             cur[d].pop()
             local[d] *= n
             if target is not None and a not in want_partial:
@@ -94,26 +111,40 @@ def _plan(src: Layout, dst: Layout, shape, axis_items) -> tuple[Transform, ...]:
                 steps.append(Transform("all-to-all", (a,), dim=d, split_dim=target, in_shape=before_shape,
                                        src=before, dst=layout_now()))
             else:
+                trim = shape[d] if not cur[d] and local[d] != shape[d] else -1
+                if trim >= 0:
+                    local[d] = shape[d]
                 steps.append(Transform("all-gather", (a,), dim=d, in_shape=before_shape,
-                                       src=before, dst=layout_now()))
+                                       src=before, dst=layout_now(), trim=trim))
 
     # 2. Resolve partial axes: reduce-scatter onto a dim that wants the axis next, else
     #    all-reduce; all-reduces with the same op over several axes run as one collective.
+    #    Onto an uneven dim only from unsplit to exactly this one axis (padded first).
     progress = True
     while progress:
         progress = False
         for a, op in list(partial.items()):
             if want_partial.get(a) == op or op != "sum":
                 continue
-            target = next((e for e in range(len(cur)) if _next_axis(cur[e], dst.dims[e]) == a
-                           and local[e] % sizes[a] == 0), None)
+            target = None
+            for e in range(len(cur)):
+                if _next_axis(cur[e], dst.dims[e]) != a:
+                    continue
+                new_axes = tuple(cur[e]) + (a,)
+                if not uneven(e, new_axes) and local[e] % sizes[a] == 0:
+                    target = (e, -1)
+                elif not cur[e] and tuple(dst.dims[e]) == (a,):
+                    target = (e, -(-shape[e] // sizes[a]) * sizes[a])
+                if target:
+                    break
             if target is not None:
+                e, pad_to = target
                 before_shape, before = tuple(local), layout_now()
                 del partial[a]
-                cur[target].append(a)
-                local[target] //= sizes[a]
-                steps.append(Transform("reduce-scatter", (a,), op="sum", dim=target,
-                                       in_shape=before_shape, src=before, dst=layout_now()))
+                cur[e].append(a)
+                local[e] = (pad_to if pad_to > 0 else local[e]) // sizes[a]
+                steps.append(Transform("reduce-scatter", (a,), op="sum", dim=e, in_shape=before_shape,
+                                       src=before, dst=layout_now(), pad_to=pad_to))
                 progress = True
     by_op: dict[str, list] = {}
     for a, op in partial.items():
@@ -126,13 +157,19 @@ def _plan(src: Layout, dst: Layout, shape, axis_items) -> tuple[Transform, ...]:
         steps.append(Transform("all-reduce", tuple(axes), op=op, in_shape=before_shape,
                                src=before, dst=layout_now()))
 
-    # 3. Append wanted axes by slicing locally (free).
+    # 3. Append wanted axes by slicing locally (free). An uneven dim is padded once, to a
+    #    multiple of all the axes it will be split over, before its first slice.
     for d in range(len(cur)):
         while (a := _next_axis(cur[d], dst.dims[d])) is not None:
             before_shape, before = tuple(local), layout_now()
+            pad_to = -1
+            if not cur[d] and uneven(d, dst.dims[d]):
+                pad_to = -(-shape[d] // n_of(dst.dims[d])) * n_of(dst.dims[d])
+                local[d] = pad_to
             cur[d].append(a)
             local[d] //= sizes[a]
-            steps.append(Transform("slice", (a,), dim=d, in_shape=before_shape, src=before, dst=layout_now()))
+            steps.append(Transform("slice", (a,), dim=d, in_shape=before_shape, src=before,
+                                   dst=layout_now(), pad_to=pad_to))
 
     # 4. Wanted partial axes the value is not partial over: keep it on one device (free).
     for a, op in want_partial.items():

@@ -59,6 +59,9 @@ class ShardedProgram:
     post: dict[Value, Layout] = field(default_factory=dict)
     out_layouts: list[Layout] = field(default_factory=list)
     region_outputs: dict[int, list] = field(default_factory=dict)   # id(body graph) -> its output layouts
+    # Inputs whose layout is uneven arrive in its even part (see Layout.even_part).
+    in_boundary: dict[Value, Layout] = field(default_factory=dict)
+    notes: list = field(default_factory=list)                       # (kind, message, fix) for the report
     reshards: list[Reshard] = field(default_factory=list)
     pass_seconds: dict[str, float] = field(default_factory=dict)
 
@@ -67,7 +70,8 @@ class ShardedProgram:
         return self.mesh.size
 
     def in_layouts(self) -> list[Layout]:
-        return [self.layouts[v] for v in self.graph.invars]
+        """Layouts the inputs arrive in (even parts of their program layouts)."""
+        return [self.in_boundary.get(v, self.layouts[v]) for v in self.graph.invars]
 
     def final_layout(self, v: Value) -> Layout:
         """The layout a value has once produced (after any reshard right at its producer)."""
@@ -75,6 +79,8 @@ class ShardedProgram:
             return self.post[v]
         if v in self.produced:
             return self.produced[v]
+        if v in self.in_boundary:
+            return self.in_boundary[v]
         return self.layouts.get(v, Layout.replicated(len(v.shape)))
 
     def eqn_of(self, index: int) -> Eqn:

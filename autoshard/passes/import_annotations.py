@@ -4,6 +4,7 @@ Expects: a ``ShardedProgram`` whose ``graph`` is traced, and ``in_specs``/``out_
 flattened to one ``PartitionSpec`` or ``None`` per leaf (with its argument path).
 Guarantees: every annotated value has a *closed* layout with provenance ``annotation`` or
 ``constraint``; every bad spec raised a ``SpecError`` naming path, shape, spec, mesh axes.
+Dims that do not divide by their axes are accepted (padded per device) and noted.
 """
 from __future__ import annotations
 
@@ -42,16 +43,20 @@ def validate_spec(spec, shape, path: str, mesh) -> Layout:
                                 spec=spec, mesh_axes=axes,
                                 fix="a mesh axis can split only one dim; to split a dim over several axes write P(('data', 'model'))")
             seen.add(n)
-    layout = Layout.from_spec(spec, len(shape))
-    sizes = mesh.size
-    for d, (size, dim_axes) in enumerate(zip(shape, layout.dims)):
-        n = math.prod(sizes[a] for a in dim_axes)
-        if size % n:
-            raise SpecError(f"dim {d} of size {size} does not divide by its mesh axes {dim_axes} (product {n})",
-                            path=path, shape=shape, spec=spec, mesh_axes=axes,
-                            fix=f"uneven splits are not supported yet (padding is planned); make dim {d} a "
-                                f"multiple of {n} or split it over fewer axes")
-    return layout
+    return Layout.from_spec(spec, len(shape))
+
+
+def note_uneven(program, v, layout, path):
+    """Record padding for dims that do not divide by their axes (a report warning)."""
+    sizes = program.axis_sizes
+    for d in layout.uneven_dims(v.shape, sizes):
+        n = math.prod(sizes[a] for a in layout.dims[d])
+        program.notes.append(
+            ("padding", f"{path}: dim {d} of size {v.shape[d]} is split over {layout.dims[d]} ({n} ways) "
+                        f"unevenly: blocks of {-(-v.shape[d] // n)} with {(-v.shape[d]) % n} padding rows, "
+                        f"masked where they would change a result; it enters and leaves the program "
+                        f"unsplit on that dim (JAX arrays cannot be split unevenly)",
+             f"make dim {d} a multiple of {n} to avoid the padding and the boundary reshard"))
 
 
 def run(program, in_specs, out_specs):
@@ -62,12 +67,14 @@ def run(program, in_specs, out_specs):
         program.layouts[v] = validate_spec(spec, v.shape, path, mesh)
         program.closed.add(v)
         program.provenance[v] = Provenance("annotation", f"in_specs {path} = {spec}")
+        note_uneven(program, v, program.layouts[v], path)
     for i, (v, spec, path) in enumerate(zip(graph.outvars, out_specs, program.out_paths)):
         if spec is None:
             program.out_specs.append(None)
             continue
         lay = validate_spec(spec, v.shape, path, mesh)
-        program.out_specs.append(lay)
+        note_uneven(program, v, lay, path)
+        program.out_specs.append(lay.even_part(v.shape, program.axis_sizes))
         if v not in program.closed and not v.is_const:
             program.layouts.setdefault(v, lay)
             program.provenance.setdefault(v, Provenance("annotation", f"out_specs {path} = {spec}"))
@@ -77,6 +84,7 @@ def run(program, in_specs, out_specs):
             continue
         out = eqn.outvars[0]
         program.layouts[out] = validate_spec(spec, out.shape, f"constraint at {eqn.source}", mesh)
+        note_uneven(program, out, program.layouts[out], f"constraint at {eqn.source}")
         program.closed.add(out)
         program.provenance[out] = Provenance("constraint", f"{eqn.prim.name}({spec}) at {eqn.source}", eqn.index)
     for v in graph.values:

@@ -187,10 +187,16 @@ def _place(program, eager) -> set:
     program.region_outputs.clear()
     placer = _Placer(program, eager)
     graph = program.graph
+    sizes = program.axis_sizes
+    program.in_boundary.clear()
     for v in graph.invars:
-        placer.actual[v] = program.layouts[v]
+        arrive = program.layouts[v].even_part(v.shape, sizes)
+        if arrive != program.layouts[v]:
+            program.in_boundary[v] = arrive
+        placer.actual[v] = arrive
     program.out_layouts = [program.out_specs[k] if program.out_specs[k] is not None
-                           else program.layouts[v].without_partial() for k, v in enumerate(graph.outvars)]
+                           else program.layouts[v].without_partial().even_part(v.shape, sizes)
+                           for k, v in enumerate(graph.outvars)]
     placer.graph(graph, program.out_layouts, [f"output {path}" for path in program.out_paths])
     for eqn in graph.all_eqns():
         if eqn.subgraphs:

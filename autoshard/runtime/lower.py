@@ -9,8 +9,11 @@ the program says so (``post``).
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding
 
 from ..compiler.layout import Layout
@@ -48,6 +51,7 @@ def local_function(program):
             if eqn.subgraphs:
                 outs = lower_region(eqn, ins, run_graph)
             else:
+                ins = mask_uneven_reductions(program, eqn, ins)
                 out_lays = tuple(program.produced[o] for o in eqn.outvars)
                 ctx = LocalContext(
                     tuple(lay.local_shape(v.shape, sizes) for v, lay in zip(eqn.invars, in_lays)),
@@ -72,6 +76,40 @@ def local_function(program):
         return tuple(run_graph(graph, list(args), program.out_layouts))
 
     return local
+
+
+_REDUCTION_FILL = {"sum": lambda dt: 0, "max": lambda dt: _extreme(dt, low=True),
+                   "min": lambda dt: _extreme(dt, low=False)}
+
+
+def _extreme(dtype, low):
+    dtype = np.dtype(dtype)
+    if np.issubdtype(dtype, np.floating):
+        return -np.inf if low else np.inf
+    if dtype == np.bool_:
+        return not low
+    info = np.iinfo(dtype)
+    return info.min if low else info.max
+
+
+def mask_uneven_reductions(program, eqn, ins):
+    """Padding rows of an unevenly split dim hold arbitrary values; where the equation
+    reduces over that dim (a split sum/max/min factor) they are set to the reduction's
+    identity first, so the result is exact."""
+    fr = program.rules[eqn.index]
+    assignment = program.assignments[eqn.index]
+    sizes = program.axis_sizes
+    for f, axes in enumerate(assignment):
+        kind = fr.kinds[f]
+        if kind not in _REDUCTION_FILL or not axes or fr.sizes[f] % math.prod(sizes[a] for a in axes) == 0:
+            continue
+        for i, dims in enumerate(fr.operands):
+            for d, fids in enumerate(dims):
+                if fids == (f,) and not eqn.invars[i].is_const:
+                    x = jnp.asarray(ins[i])
+                    ins[i] = collectives.mask_padding(x, d, axes, sizes, fr.sizes[f],
+                                                      _REDUCTION_FILL[kind](x.dtype))
+    return ins
 
 
 def lower_to_jit(program, mesh, donate_argnums=()):

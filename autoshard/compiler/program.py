@@ -40,6 +40,7 @@ class Reshard:
     reason: str
     source: str
     consumer: str
+    internal: bool = False      # run by the op's own lowering (halo exchange, ...), not a reshard
 
 
 @dataclass

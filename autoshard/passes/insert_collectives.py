@@ -18,7 +18,7 @@ import math
 
 from ..compiler.factors import choose, required_layout, result_partial
 from ..compiler.layout import Layout
-from ..compiler.ops import get_rule, partial_passes
+from ..compiler.ops import get_rule, local_context, partial_passes
 from ..compiler.ops.constraint import constraint_spec
 from ..compiler.ops.control_flow import region_boundaries
 from ..compiler.planner import plan
@@ -173,9 +173,18 @@ class _Placer:
             want = required_layout(t, best, fr, self.sizes, reduced)
             assert want is not None, f"chosen assignment not expressible on operand {i} of {where}"
             self.require(eqn, i, v, want, where)
+        made = []
         for j, o in enumerate(eqn.outvars):
             base = required_layout(tensors[len(eqn.invars) + j], best, fr, self.sizes, reduced)
-            self.produce(eqn, o, base.with_partial(set(reduced) | set(passed)), where)
+            made.append(base.with_partial(set(reduced) | set(passed)))
+            self.produce(eqn, o, made[-1], where)
+        if rule.internal is not None:
+            ins_now = [p.operand_layouts[(eqn.index, i)] for i in range(len(eqn.invars))]
+            ctx = local_context(eqn, ins_now, made, self.sizes)
+            for i, t, reason in rule.internal(eqn, ctx):
+                v = eqn.invars[i]
+                p.reshards.append(Reshard(v, ins_now[i], ins_now[i], (t,), f"{where}: {reason}",
+                                          eqn.source, where, internal=True))
 
 
 def _place(program, eager) -> set:

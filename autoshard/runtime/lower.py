@@ -17,7 +17,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from ..compiler.layout import Layout
-from ..compiler.ops import LocalContext, get_rule
+from ..compiler.ops import get_rule, local_context
 from ..compiler.ops.control_flow import lower_region
 from ..compiler.planner import plan
 from . import collectives
@@ -53,10 +53,7 @@ def local_function(program):
             else:
                 ins = mask_uneven_reductions(program, eqn, ins)
                 out_lays = tuple(program.produced[o] for o in eqn.outvars)
-                ctx = LocalContext(
-                    tuple(lay.local_shape(v.shape, sizes) for v, lay in zip(eqn.invars, in_lays)),
-                    tuple(lay.local_shape(o.shape, sizes) for o, lay in zip(eqn.outvars, out_lays)),
-                    in_lays, out_lays, sizes)
+                ctx = local_context(eqn, in_lays, out_lays, sizes)
                 rule = get_rule(eqn)
                 if rule.lower is not None:
                     outs = rule.lower(eqn, ctx, ins)

@@ -83,6 +83,10 @@ class OpRule:
     partial: str | Callable = "none"           # mode name or (eqn) -> mode name
     localize: Callable | None = None           # (eqn, ctx) -> params for the local bind
     lower: Callable | None = None              # (eqn, ctx, args) -> outs, replaces bind
+    # Collectives the rule's own ``lower`` runs (halo exchanges, prefix sums):
+    # (eqn, ctx) -> [(operand index, planner.Transform, reason)]. The report lists them with
+    # the planned reshards; ``lower`` must run exactly these.
+    internal: Callable | None = None
 
     def partial_mode(self, eqn) -> str:
         return self.partial(eqn) if callable(self.partial) else self.partial
@@ -100,14 +104,21 @@ class OpRule:
 RULES: dict[str, OpRule] = {}
 
 
-def register(*prims, partial="none", localize=None, lower=None):
+def register(*prims, partial="none", localize=None, lower=None, internal=None):
     """Decorator: ``@register(lax.add_p, lax.sub_p, partial="same_sum")`` on a factor function."""
     def deco(fn):
         for p in prims:
             name = p if isinstance(p, str) else p.name
-            RULES[name] = OpRule(fn, partial, localize, lower)
+            RULES[name] = OpRule(fn, partial, localize, lower, internal)
         return fn
     return deco
+
+
+def local_context(eqn, in_layouts, out_layouts, axis_sizes) -> LocalContext:
+    return LocalContext(
+        tuple(lay.local_shape(v.shape, axis_sizes) for v, lay in zip(eqn.invars, in_layouts)),
+        tuple(lay.local_shape(o.shape, axis_sizes) for o, lay in zip(eqn.outvars, out_layouts)),
+        tuple(in_layouts), tuple(out_layouts), axis_sizes)
 
 
 def get_rule(eqn) -> OpRule:

@@ -58,6 +58,9 @@ class GPTConfig:
     seq_len: int = 16
     d_ff: int | None = None
     dtype: Any = jnp.float32
+    # Stack the blocks' parameters on a leading layer dim and run them with nnx.scan: one
+    # loop in the program instead of n_layers copies (params["blocks"][...] gain dim 0).
+    scan_layers: bool = False
 
     def __post_init__(self):
         if self.d_model % self.n_heads:
@@ -157,9 +160,16 @@ class GPT(nnx.Module):
                                  param_dtype=cfg.dtype, rngs=rngs)
         self.pos_emb = nnx.Param(
             0.02 * jax.random.normal(rngs.params(), (cfg.seq_len, cfg.d_model), cfg.dtype))
-        # A plain python list, unrolled in the jaxpr; nnx.data marks it as
-        # pytree data (nnx 0.12 rejects sub-modules in un-annotated lists).
-        self.blocks = nnx.data([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        if cfg.scan_layers:
+            @nnx.split_rngs(splits=cfg.n_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def stacked(rngs):
+                return Block(cfg, rngs=rngs)
+            self.blocks = stacked(rngs)
+        else:
+            # A plain python list, unrolled in the jaxpr; nnx.data marks it as
+            # pytree data (nnx 0.12 rejects sub-modules in un-annotated lists).
+            self.blocks = nnx.data([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
         self.ln_f = _layernorm(cfg, rngs)
         # Untied head: a separate [D, V] matrix, not tok_emb.embedding.T.
         self.lm_head = _linear(cfg, cfg.d_model, cfg.vocab_size, rngs)
@@ -172,8 +182,14 @@ class GPT(nnx.Module):
         if t != pos.shape[0]:  # avoid a no-op slice in the common full-length case
             pos = pos[:t]
         x = self.tok_emb(tokens) + pos[None]
-        for block in self.blocks:
-            x = block(x)
+        if self.cfg.scan_layers:
+            @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+            def run(h, block):
+                return block(h)
+            x = run(x, self.blocks)
+        else:
+            for block in self.blocks:
+                x = block(x)
         return self.lm_head(self.ln_f(x))  # logits [B, T, V]
 
 

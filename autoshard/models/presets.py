@@ -120,9 +120,18 @@ def _map_with_path(fn, tree, path=()):
     return fn(path, tree)
 
 
-def _fsdp_spec(shape: tuple[int, ...], n_data: int) -> P:
-    # First dim that divides evenly; uneven shards would need padding.
+def _stacked(path: tuple[str, ...]) -> bool:
+    """Params of scanned layers (``GPTConfig(scan_layers=True)``) carry a leading layer dim:
+    ``blocks/attn/q/kernel`` instead of ``blocks/<i>/attn/q/kernel``."""
+    return len(path) > 1 and path[0] == "blocks" and not path[1].isdigit()
+
+
+def _fsdp_spec(shape: tuple[int, ...], n_data: int, skip_first: bool = False) -> P:
+    # First dim that divides evenly; uneven shards would need padding. The layer dim of
+    # stacked params is skipped: the scan reads one layer per step.
     for i, size in enumerate(shape):
+        if skip_first and i == 0:
+            continue
         if size > 0 and size % n_data == 0:
             return _split_dim(len(shape), i, DATA_AXIS)
     return P()
@@ -134,6 +143,8 @@ def _tp_spec(model_name: str, path: tuple[str, ...], shape: tuple[int, ...],
     dim = rule.get(path[-1]) if rule is not None else None
     if dim is None:
         return P()
+    if _stacked(path):
+        dim += 1
     # Raise rather than silently replicate: Megatron layers come in
     # column/row pairs, and replicating one half would change the layout.
     if dim >= len(shape) or shape[dim] % n_model:
@@ -165,7 +176,7 @@ def param_specs(model_name: str, params: dict, strategy: str,
         return _map_with_path(lambda path, x: P(), params)
     if strategy == "fsdp":
         n_data = _axis_size(mesh_shape, DATA_AXIS)
-        return _map_with_path(lambda path, x: _fsdp_spec(tuple(x.shape), n_data), params)
+        return _map_with_path(lambda path, x: _fsdp_spec(tuple(x.shape), n_data, _stacked(path)), params)
     # tp and dp_tp share the Megatron parameter layout.
     n_model = _axis_size(mesh_shape, MODEL_AXIS)
     return _map_with_path(

@@ -59,7 +59,7 @@ class Value:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
 
     def __repr__(self) -> str:
         return self.name or f"v{self.id}"
@@ -91,6 +91,15 @@ class Graph:
             yield eqn
             for sub in eqn.subgraphs:
                 yield from sub.all_eqns()
+
+
+def _dtype(dtype):
+    """A numpy dtype where there is one; JAX's extended dtypes (PRNG keys) as they are
+    (they have ``itemsize`` and ``name`` too)."""
+    try:
+        return np.dtype(dtype)
+    except TypeError:
+        return dtype
 
 
 def _jaxpr_name(i: int) -> str:
@@ -133,7 +142,7 @@ class _Builder:
 
     def new(self, aval, const=None) -> Value:
         i = next(self.counter)
-        v = Value(i, tuple(int(d) for d in aval.shape), np.dtype(aval.dtype), const=const)
+        v = Value(i, tuple(int(d) for d in aval.shape), _dtype(aval.dtype), const=const)
         self.values.append(v)
         return v
 

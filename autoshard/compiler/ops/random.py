@@ -1,0 +1,106 @@
+"""Random numbers: keys, ``random_bits`` and ``threefry2x32``, with the same values as on
+one device.
+
+With ``jax_threefry_partitionable`` (the default) the bits of element ``i`` of a
+``random_bits[shape]`` are ``threefry2x32(key, hi(i), lo(i))`` of its linear index ``i`` in
+the *global* array: a split result is generated per device from the global indices of its
+own block, no communication and no replicated work::
+
+    random_bits[shape=(8, 4)] key:[]   ->   factors a:8 b:4;  key (), result (a)(b)
+
+Keys themselves are small: seeds, wraps, splits and fold-ins are elementwise over key batch
+dims (the split's new dims and the key-data dim stay unsplit).
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from . import FactorBuilder, register
+from .elementwise import elementwise_factors
+
+for _name in ("random_seed", "random_fold_in", "threefry2x32"):
+    register(_name)(elementwise_factors)
+
+
+def _bitcast_factors(eqn):
+    src, dst = eqn.invars[0].dtype.itemsize, eqn.outvars[0].dtype.itemsize
+    if src == dst:
+        return elementwise_factors(eqn)
+    fb = FactorBuilder()                # width change adds or drops a trailing dim
+    shape_in, shape_out = eqn.invars[0].shape, eqn.outvars[0].shape
+    common = [fb.new(s) for s in shape_in[:min(len(shape_in), len(shape_out))]]
+    op = common + [fb.new(s, "replicate") for s in shape_in[len(common):]]
+    out = common + [fb.new(s, "replicate") for s in shape_out[len(common):]]
+    return fb.build([op], [out])
+
+
+register("bitcast_convert_type")(_bitcast_factors)
+
+
+@register("random_wrap")
+def random_wrap_factors(eqn):
+    fb = FactorBuilder()
+    shape = eqn.invars[0].shape
+    batch = [fb.new(s) for s in shape[:-1]]
+    return fb.build([batch + [fb.new(shape[-1], "replicate")]], [batch])
+
+
+@register("random_unwrap")
+def random_unwrap_factors(eqn):
+    fb = FactorBuilder()
+    shape = eqn.outvars[0].shape
+    batch = [fb.new(s) for s in shape[:-1]]
+    return fb.build([batch], [batch + [fb.new(shape[-1], "replicate")]])
+
+
+@register("random_split")
+def random_split_factors(eqn):
+    fb = FactorBuilder()
+    keys = eqn.invars[0].shape
+    batch = [fb.new(s) for s in keys]
+    new = [fb.new(s, "replicate") for s in eqn.outvars[0].shape[len(keys):]]
+    return fb.build([batch], [batch + new])
+
+
+def _partitionable(eqn) -> bool:
+    """A single threefry key and the partitionable scheme: then values depend only on the
+    global index (other PRNG implementations keep the result unsplit)."""
+    return (len(eqn.invars[0].shape) == 0 and bool(jax.config.jax_threefry_partitionable)
+            and str(eqn.invars[0].dtype) == "key<fry>" and math.prod(eqn.params["shape"]) < 2 ** 32)
+
+
+def _lower_random_bits(eqn, ctx, args):
+    from jax._src.random.threefry2x32 import threefry2x32_p   # jax is pinned exactly
+    from ...runtime import collectives
+    (key,) = args
+    shape, bits = eqn.params["shape"], eqn.params["bit_width"]
+    layout, local = ctx.out_layouts[0], ctx.out_shapes[0]
+    if not any(layout.dims):
+        return [eqn.prim.bind(key, **eqn.params)]
+    # Linear index, in the global array, of every element of this device's block.
+    index = jnp.zeros(local, jnp.uint32)
+    for d, size in enumerate(shape):
+        offset = jnp.uint32(0)
+        if layout.dims[d]:
+            offset = (collectives.block_index(layout.dims[d], ctx.axis_sizes) * local[d]).astype(jnp.uint32)
+        index = index * jnp.uint32(size) + lax.broadcasted_iota(jnp.uint32, local, d) + offset
+    data = jax.random.key_data(key)
+    hi, lo = threefry2x32_p.bind(data[0], data[1], jnp.zeros(local, jnp.uint32), index)
+    out = hi ^ lo
+    if bits == 32:
+        return [out]
+    if bits == 64:
+        return [(hi.astype(jnp.uint64) << 32) | lo.astype(jnp.uint64)]
+    return [out.astype({8: jnp.uint8, 16: jnp.uint16}[bits])]
+
+
+@register("random_bits", lower=_lower_random_bits)
+def random_bits_factors(eqn):
+    fb = FactorBuilder()
+    kind = "pass" if _partitionable(eqn) else "replicate"
+    out = [fb.new(s, kind) for s in eqn.params["shape"]]
+    return fb.build([[fb.new(s, "replicate") for s in eqn.invars[0].shape]], [out])

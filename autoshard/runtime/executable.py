@@ -150,8 +150,8 @@ class ParallelFunction:
         out_avals = jax.tree.unflatten(out_tree, [jax.ShapeDtypeStruct(v.shape, v.dtype) for v in graph.outvars])
         if self.out_specs is None:
             out_specs = [None] * len(graph.outvars)
-            out_paths = [p for p, _ in ((("out" + jax.tree_util.keystr(k)), l)
-                                        for k, l in jax.tree_util.tree_flatten_with_path(out_avals)[0])]
+            out_paths = ["out" + jax.tree_util.keystr(k)
+                         for k, _ in jax.tree_util.tree_flatten_with_path(out_avals)[0]]
         else:
             out_specs, out_paths = flatten_specs(self.out_specs, out_avals, "out", "out_specs")
         trace_seconds = time.perf_counter() - t0

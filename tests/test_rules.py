@@ -58,12 +58,13 @@ def test_factor_rule(name, fn, shapes, prim, expected):
     assert named(rule) == expected
 
 
-def test_embedding_gather_keeps_batch_and_feature_dims_and_replicates_vocab():
+def test_embedding_gather_keeps_batch_and_feature_dims_and_sums_over_vocab():
     ids = jax.ShapeDtypeStruct((2, 5), jnp.int32)
     eqn, rule = first_eqn(lambda t, i: jnp.take(t, i, axis=0), (64, 8), ids, prim="gather")
     table, indices = rule.operands
     (out,) = rule.results
-    assert rule.kinds[table[0][0]] == "replicate"                  # vocab
+    assert rule.kinds[table[0][0]] == "sum"                        # vocab: a split gives P(sum)
+    assert all(table[0][0] not in d for d in out)
     assert table[1] == out[2] and rule.kinds[table[1][0]] == "pass"  # feature
     assert indices[0] == out[0] and indices[1] == out[1]            # batch dims
 

@@ -114,7 +114,12 @@ def _tensor_factor_sets(rule) -> list[frozenset]:
 
 def _axis_conflicts(assignment, rule) -> list[tuple[str, list[int]]]:
     conflicts = {}
-    for fs in _tensor_factor_sets(rule):
+    # A reduction factor's axis combines the devices along it, so every other factor must
+    # hold the same block on all of them: no other factor of the op may use that axis (a
+    # vocab-parallel lookup cannot also split the batch over the vocabulary's axis).
+    every = frozenset(range(len(assignment)))
+    reducing = [f for f in every if rule.kinds[f] in ("sum", "max", "min") and assignment[f]]
+    for fs in _tensor_factor_sets(rule) + ([every] if reducing else []):
         owners: dict[str, list[int]] = {}
         for f in sorted(fs):
             for a in assignment[f]:

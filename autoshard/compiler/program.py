@@ -60,7 +60,8 @@ class ShardedProgram:
     post: dict[Value, Layout] = field(default_factory=dict)
     out_layouts: list[Layout] = field(default_factory=list)
     region_outputs: dict[int, list] = field(default_factory=dict)   # id(body graph) -> its output layouts
-    # Inputs whose layout is uneven arrive in its even part (see Layout.even_part).
+    # Inputs whose layout is uneven arrive in its even part (see Layout.even_part) and are
+    # sliced locally into their layout when the program starts.
     in_boundary: dict[Value, Layout] = field(default_factory=dict)
     notes: list = field(default_factory=list)                       # (kind, message, fix) for the report
     reshards: list[Reshard] = field(default_factory=list)
@@ -80,8 +81,6 @@ class ShardedProgram:
             return self.post[v]
         if v in self.produced:
             return self.produced[v]
-        if v in self.in_boundary:
-            return self.in_boundary[v]
         return self.layouts.get(v, Layout.replicated(len(v.shape)))
 
     def eqn_of(self, index: int) -> Eqn:

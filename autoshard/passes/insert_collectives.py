@@ -201,8 +201,8 @@ def _place(program, eager) -> set:
     for v in graph.invars:
         arrive = program.layouts[v].even_part(v.shape, sizes)
         if arrive != program.layouts[v]:
-            program.in_boundary[v] = arrive
-        placer.actual[v] = arrive
+            program.in_boundary[v] = arrive      # sliced into its layout on arrival (free)
+        placer.actual[v] = program.layouts[v]
     program.out_layouts = [program.out_specs[k] if program.out_specs[k] is not None
                            else program.layouts[v].without_partial().even_part(v.shape, sizes)
                            for k, v in enumerate(graph.outvars)]

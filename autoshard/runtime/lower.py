@@ -70,7 +70,9 @@ def local_function(program):
         return [fetch(env, cache, v, lay) for v, lay in zip(g.outvars, out_layouts)]
 
     def local(*args):
-        return tuple(run_graph(graph, list(args), program.out_layouts))
+        args = [collectives.apply(x, plan(program.in_boundary[v], program.layouts[v], v.shape, sizes), sizes)
+                if v in program.in_boundary else x for v, x in zip(graph.invars, args)]
+        return tuple(run_graph(graph, args, program.out_layouts))
 
     return local
 

@@ -6,17 +6,48 @@ collapsed_slice_dims=(0,), start_index_map=(0,))::
     factors b:pass t:pass v:replicate d:pass
     table (v)(d)   ids (b)(t)()   ->   out (b)(t)(d)
 
-Indexed operand dims (``v``) stay unsplit here; the vocabulary-parallel masked lookup is
-issue #3. The embedding gradient, ``scatter-add`` of ``updates[B,T,D]`` into ``zeros[V,D]``,
-makes the update batch dims ``sum`` factors: with the batch split each device scatters its
-own rows, giving ``P(sum)``, and the operand it accumulates into must carry the same partial
-(a replicated operand becomes partial by zeroing it on all but one device).
+A table indexed along one dim (an embedding lookup) may be split along it: ``v`` is then a
+``sum`` factor, like a contracting dim. Each device looks up the ids that fall in its block of
+rows and writes zeros for the others, so the result is ``P(sum)`` (Megatron's
+vocabulary-parallel embedding); out-of-range ids keep the single-device behaviour of the
+gather's mode. Other indexed dims stay unsplit (``replicate``).
+
+The embedding gradient, ``scatter-add`` of ``updates[B,T,D]`` into ``zeros[V,D]``, makes the
+update batch dims ``sum`` factors: with the batch split each device scatters its own rows,
+giving ``P(sum)``, and the operand it accumulates into must carry the same partial (a
+replicated operand becomes partial by zeroing it on all but one device). Its ``v`` dim may be
+split too: each device scatters only the ids in its block.
 """
 from __future__ import annotations
 
+import numpy as np
 from jax import lax
+from jax.lax import GatherScatterMode
 
 from . import FactorBuilder, register
+
+
+def _one_indexed_dim(dims_of_index, collapsed_or_inserted, operand_batching, index_shape):
+    """The operand dim a single-id lookup indexes, or None if the op is not of that form."""
+    if len(dims_of_index) != 1 or operand_batching or index_shape[-1] != 1:
+        return None
+    d = dims_of_index[0]
+    return d if d in collapsed_or_inserted else None
+
+
+def _block_offset(layout, dim, local, axis_sizes):
+    from ...runtime import collectives
+    return collectives.block_index(layout.dims[dim], axis_sizes) * local
+
+
+def _default_fill(dtype):
+    dtype = np.dtype(dtype)
+    if np.issubdtype(dtype, np.inexact):
+        return np.nan
+    if dtype == np.bool_:
+        return True
+    info = np.iinfo(dtype)
+    return info.min if np.issubdtype(dtype, np.signedinteger) else info.max
 
 
 def _localize_gather(eqn, ctx):
@@ -26,7 +57,6 @@ def _localize_gather(eqn, ctx):
     return {**eqn.params, "slice_sizes": sizes}
 
 
-@register(lax.gather_p, partial="unary_any", localize=_localize_gather)
 def gather_factors(eqn):
     dn = eqn.params["dimension_numbers"]
     slice_sizes = eqn.params["slice_sizes"]
@@ -51,8 +81,53 @@ def gather_factors(eqn):
         else:
             op_dims[d] = fb.new(op_shape[d], "replicate")
             res_dims[rd] = fb.new(res_shape[rd], "replicate")
-    op_dims = [fb.new(s, "replicate") if f is None else f for f, s in zip(op_dims, op_shape)]
+    vocab = _gather_vocab_dim(eqn)
+    op_dims = [fb.new(s, "sum" if d == vocab else "replicate") if f is None else f
+               for d, (f, s) in enumerate(zip(op_dims, op_shape))]
     return fb.build([op_dims, idx_dims], [res_dims])
+
+
+def _gather_vocab_dim(eqn):
+    dn = eqn.params["dimension_numbers"]
+    d = _one_indexed_dim(dn.start_index_map, dn.collapsed_slice_dims, dn.operand_batching_dims,
+                         eqn.invars[1].shape)
+    return d if d is not None and eqn.params["slice_sizes"][d] == 1 else None
+
+
+def _lower_gather(eqn, ctx, args):
+    """Vocabulary-parallel lookup: ids outside this device's rows give zeros (P(sum))."""
+    import jax.numpy as jnp
+    table, ids = args
+    params = _localize_gather(eqn, ctx)
+    d = _gather_vocab_dim(eqn)
+    if d is None or not ctx.in_layouts[0].dims[d]:
+        return [eqn.prim.bind(table, ids, **params)]
+    dn, mode = params["dimension_numbers"], params["mode"]
+    size, rows = eqn.invars[0].shape[d], ctx.in_shapes[0][d]
+    if mode != GatherScatterMode.FILL_OR_DROP:          # CLIP / PROMISE_IN_BOUNDS clamp globally
+        ids = jnp.clip(ids, 0, size - 1)
+    local = ids - _block_offset(ctx.in_layouts[0], d, rows, ctx.axis_sizes).astype(ids.dtype)
+    mine = (local >= 0) & (local < rows) & (ids >= 0) & (ids < size)
+    out = eqn.prim.bind(table, jnp.clip(local, 0, rows - 1), **{**params, "mode": GatherScatterMode.CLIP})
+    # Batch dims of the ids are the result's non-offset dims; add the offset dims as size 1.
+    mask = mine[..., 0]
+    for od in sorted(dn.offset_dims):
+        mask = jnp.expand_dims(mask, od)
+    out = jnp.where(mask, out, jnp.zeros((), out.dtype))
+    if mode == GatherScatterMode.FILL_OR_DROP:
+        # An id outside the whole table reads the fill value on one device (zeros elsewhere).
+        from ...runtime import collectives
+        outside = ((ids < 0) | (ids >= size))[..., 0]
+        for od in sorted(dn.offset_dims):
+            outside = jnp.expand_dims(outside, od)
+        fill = params.get("fill_value")
+        fill = _default_fill(out.dtype) if fill is None else fill
+        first = collectives.block_index(ctx.in_layouts[0].dims[d], ctx.axis_sizes) == 0
+        out = jnp.where(outside & first, jnp.asarray(fill, out.dtype), out)
+    return [out]
+
+
+register(lax.gather_p, partial="unary_any", localize=_localize_gather, lower=_lower_gather)(gather_factors)
 
 
 def _scatter_factors(eqn, reduction_kind):
@@ -79,12 +154,36 @@ def _scatter_factors(eqn, reduction_kind):
             op_dims[od] = upd_dims[ud] = idx_dims[idx_d] = fb.new(upd_shape[ud])
         else:
             upd_dims[ud] = idx_dims[idx_d] = fb.new(upd_shape[ud], reduction_kind)
-    op_dims = [fb.new(s, "replicate") if f is None else f for f, s in zip(op_dims, op_shape)]
+    vocab = _scatter_vocab_dim(eqn) if reduction_kind == "sum" else None
+    op_dims = [fb.new(s, "pass" if d == vocab else "replicate") if f is None else f
+               for d, (f, s) in enumerate(zip(op_dims, op_shape))]
     accumulators = (0,) if reduction_kind != "replicate" else ()
     return fb.build([op_dims, idx_dims, upd_dims], [op_dims], accumulators)
 
 
-@register("scatter-add", "scatter_add")
+def _scatter_vocab_dim(eqn):
+    dn = eqn.params["dimension_numbers"]
+    return _one_indexed_dim(dn.scatter_dims_to_operand_dims, dn.inserted_window_dims,
+                            dn.operand_batching_dims, eqn.invars[1].shape)
+
+
+def _lower_scatter_add(eqn, ctx, args):
+    """Rows split over devices: each device adds the updates whose ids fall in its rows."""
+    import jax.numpy as jnp
+    operand, ids, updates = args
+    d = _scatter_vocab_dim(eqn)
+    if d is None or not ctx.in_layouts[0].dims[d]:
+        return [eqn.prim.bind(operand, ids, updates, **eqn.params)]
+    size, rows = eqn.invars[0].shape[d], ctx.in_shapes[0][d]
+    if eqn.params["mode"] != GatherScatterMode.FILL_OR_DROP:
+        ids = jnp.clip(ids, 0, size - 1)
+    local = ids - _block_offset(ctx.in_layouts[0], d, rows, ctx.axis_sizes).astype(ids.dtype)
+    # Ids outside the whole table are dropped as on one device; so are other devices' ids.
+    local = jnp.where((ids >= 0) & (ids < size), local, -1)
+    return [eqn.prim.bind(operand, local, updates, **{**eqn.params, "mode": GatherScatterMode.FILL_OR_DROP})]
+
+
+@register("scatter-add", "scatter_add", lower=_lower_scatter_add)
 def scatter_add_factors(eqn):
     return _scatter_factors(eqn, "sum")
 

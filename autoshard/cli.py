@@ -2,12 +2,26 @@
 
 JAX reads ``XLA_FLAGS`` when its backend starts, so the flags for simulated CPU devices are
 set here before anything imports jax (appended to flags already set, never replacing them).
+
+``autoshard report`` has two forms:
+
+* ``autoshard report --model gpt --mesh data=2,model=4 --strategy dp_tp --html out.html --json out.json``:
+  a reference model's train step under a preset strategy.
+* ``autoshard report path/to/file.py:function --mesh data=2,model=4 --in-specs "P('data',None),P(None,'model')"
+  --shapes "f32[8,16],f32[16,32]"``: a user's function, traced on the abstract shapes given
+  (``module.path:function`` works too). ``--shapes`` and ``--in-specs`` are Python-literal
+  lists with one entry per positional argument; entries may be pytrees
+  (``{'w': f32[16,32], 'b': f32[32]}``), shapes are ``DTYPE[d0,d1,...]`` (``f32[]`` is a scalar).
 """
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib
+import importlib.util
 import math
 import os
+import re
 import sys
 
 
@@ -22,6 +36,124 @@ def _mesh_size(text: str) -> int:
     from .compiler.mesh import parse_mesh_shape
     return math.prod(parse_mesh_shape(text).values())
 
+
+class UsageError(ValueError):
+    """Bad command-line input; the message says what to write instead."""
+
+
+# ------------------------------------------------------------------ literal parsing
+
+_DTYPES = {
+    "f16": "float16", "bf16": "bfloat16", "f32": "float32", "f64": "float64",
+    "i8": "int8", "i16": "int16", "i32": "int32", "i64": "int64",
+    "s8": "int8", "s16": "int16", "s32": "int32", "s64": "int64",
+    "u8": "uint8", "u16": "uint16", "u32": "uint32", "u64": "uint64",
+    "bool": "bool", "pred": "bool",
+}
+_DTYPES.update({v: v for v in list(_DTYPES.values())})
+
+
+def _literal(text: str, what: str, allow_shapes: bool):
+    """Evaluate a Python literal of tuples/lists/dicts/None/strings, ``P(...)`` calls and (when
+    ``allow_shapes``) ``f32[8,16]`` shapes, without ``eval``. Returns a tuple of entries."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec
+
+    src = re.sub(r"\[\s*\]", "[()]", text) if allow_shapes else text
+    try:
+        tree = ast.parse(src.strip(), mode="eval").body
+    except SyntaxError as e:
+        raise UsageError(f"{what} {text!r} is not a Python literal ({e.msg}); write it like "
+                         + ("\"f32[8,16],f32[16,32]\"" if allow_shapes else "\"P('data',None),P(None,'model')\"")) from None
+
+    def ev(node):
+        if isinstance(node, ast.Constant) and (node.value is None or isinstance(node.value, (str, int))):
+            return node.value
+        if isinstance(node, ast.Tuple):
+            return tuple(ev(e) for e in node.elts)
+        if isinstance(node, ast.List):
+            return [ev(e) for e in node.elts]
+        if isinstance(node, ast.Dict):
+            return {ev(k): ev(v) for k, v in zip(node.keys, node.values)}
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("P", "PartitionSpec") \
+                and not node.keywords:
+            return PartitionSpec(*(ev(a) for a in node.args))
+        if allow_shapes and isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) \
+                and node.value.id in _DTYPES:
+            dims = ev(node.slice)
+            dims = dims if isinstance(dims, tuple) else (dims,)
+            if not all(isinstance(d, int) and d >= 0 for d in dims):
+                raise UsageError(f"{what}: shape {ast.unparse(node)} must list non-negative integers")
+            return jax.ShapeDtypeStruct(dims, jnp.dtype(_DTYPES[node.value.id]))
+        raise UsageError(f"{what}: {ast.unparse(node)!r} is not allowed here; use P(...), None, strings, "
+                         + ("DTYPE[dims] shapes (dtypes: " + ", ".join(sorted(k for k in _DTYPES if len(k) <= 4)) + "), "
+                            if allow_shapes else "") + "tuples, lists and dicts")
+
+    value = ev(tree)
+    return value if isinstance(value, tuple) else (value,)
+
+
+_TIME_UNITS = {"s": 1.0, "ms": 1e3, "us": 1e6, "ns": 1e9}      # divisors (exact for 25us)
+_BW_UNITS = {"tb/s": 1e12, "gb/s": 1e9, "mb/s": 1e6, "kb/s": 1e3, "b/s": 1.0}
+
+
+def parse_link(text: str):
+    """``data=25us,12.5GB/s`` -> ``("data", LinkModel(25e-6, 12.5e9))``; bare numbers are us and GB/s."""
+    from .compiler.cost_model import LinkModel
+    m = re.fullmatch(r"\s*(\w+)\s*=\s*([\d.eE+-]+)\s*([a-z]*)\s*,\s*([\d.eE+-]+)\s*([A-Za-z/]*)\s*", text)
+    if not m:
+        raise UsageError(f"--link {text!r}: write AXIS=LATENCY,BANDWIDTH, e.g. data=25us,12.5GB/s")
+    axis, lat, lat_u, bw, bw_u = m.groups()
+    if (lat_u or "us") not in _TIME_UNITS or (bw_u.lower() or "gb/s") not in _BW_UNITS:
+        raise UsageError(f"--link {text!r}: latency units are {sorted(_TIME_UNITS)}, bandwidth units "
+                         f"{sorted(_BW_UNITS)} (bytes per second)")
+    return axis, LinkModel(float(lat) / _TIME_UNITS[lat_u or "us"], float(bw) * _BW_UNITS[bw_u.lower() or "gb/s"])
+
+
+def parse_roles(text: str) -> dict:
+    """``0=parameters,1=optimizer state,2=batch`` -> ``{0: 'parameters', ...}``."""
+    from .compiler.report import ROLES
+    roles = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        k, _, role = part.partition("=")
+        if not k.strip().isdigit() or role.strip() not in ROLES:
+            raise UsageError(f"--roles {text!r}: write INDEX=ROLE pairs, roles one of {ROLES}")
+        roles[int(k)] = role.strip()
+    return roles
+
+
+def load_target(target: str):
+    """``path/to/file.py:function`` or ``package.module:function`` (dotted attributes allowed)."""
+    where, sep, attr = target.rpartition(":")
+    if not sep or not where or not attr:
+        raise UsageError(f"target {target!r}: write path/to/file.py:function or package.module:function")
+    if where.endswith(".py") or os.path.sep in where or os.path.exists(where):
+        path = os.path.abspath(where)
+        if not os.path.exists(path):
+            raise UsageError(f"target {target!r}: no file {path}")
+        name = "autoshard_target_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0])
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        sys.path.insert(0, os.path.dirname(path))
+        try:
+            spec.loader.exec_module(module)
+        finally:
+            sys.path.remove(os.path.dirname(path))
+    else:
+        module = importlib.import_module(where)
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise UsageError(f"target {target!r}: {getattr(obj, '__name__', obj)!r} has no attribute {part!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise UsageError(f"target {target!r} is not callable")
+    return obj
+
+
+# ------------------------------------------------------------------------ commands
 
 def _setup(args):
     """Model, params, optimizer state, batch, specs and the train step for ``args``."""
@@ -69,12 +201,67 @@ def demo(args) -> int:
     return 0 if ok else 1
 
 
-def report(args) -> int:
+def _user_report(args):
+    """The report of ``args.target`` traced on ``--shapes`` with ``--in-specs``."""
+    import jax
+
+    from . import abstract_mesh, make_mesh, parallelize
+    from .runtime.executable import ParallelFunction
+    if not args.shapes:
+        raise UsageError("a function target needs --shapes, one abstract input per positional argument, "
+                         "e.g. --shapes \"f32[8,16],f32[16,32]\"")
+    fun = load_target(args.target)
+    shapes = _literal(args.shapes, "--shapes", allow_shapes=True)
+    in_specs = _literal(args.in_specs, "--in-specs", allow_shapes=False) if args.in_specs else None
+    out_specs = _literal(args.out_specs, "--out-specs", allow_shapes=False) if args.out_specs else None
+    if isinstance(fun, ParallelFunction):          # an @ash.parallelize'd function: keep its specs
+        in_specs = in_specs if in_specs is not None else fun.in_specs
+        out_specs = out_specs if out_specs is not None else fun.out_specs
+        fun = fun.fun
+    if out_specs is not None and len(out_specs) == 1:
+        out_specs = out_specs[0]
+    if args.abstract:
+        mesh = abstract_mesh(args.mesh)
+    else:
+        mesh = make_mesh(args.mesh, devices=jax.devices()[:_mesh_size(args.mesh)])
+    pf = parallelize(fun, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                     static_argnums=tuple(args.static_argnums))
+    return pf.report(*shapes), {}
+
+
+def _model_report(args):
     from . import parallelize
     mesh, model, cfg, params, optimizer, step, batch, in_specs = _setup(args)
     pstep = parallelize(step, mesh=mesh, in_specs=in_specs)
     rep = pstep.report(params, optimizer.init(params), batch)
-    print(rep if args.full else rep.summary())
+    return rep, {0: "parameters", 1: "optimizer state", 2: "batch"}
+
+
+def report(args) -> int:
+    from .compiler.report import _fmt_bytes
+    rep, roles = _user_report(args) if args.target else _model_report(args)
+    links = dict(parse_link(t) for t in args.link)
+    roles.update(parse_roles(args.roles) if args.roles else {})
+    if links or roles:
+        rep = rep.with_options(links=links, roles=roles)
+    xla = not (args.no_xla or args.abstract)
+    mem = rep.memory(compiled=xla)
+    if args.full:
+        print(rep)
+    else:
+        print(rep.summary())
+        line = (f"memory per device: parameters {_fmt_bytes(mem['parameters'])}, optimizer state "
+                f"{_fmt_bytes(mem['optimizer_state'])}, batch {_fmt_bytes(mem['batch'])}, other inputs "
+                f"{_fmt_bytes(mem['other_inputs'])}, activations ~{_fmt_bytes(mem['activations_peak'])} (estimated)")
+        if "xla" in mem:
+            x = mem["xla"]
+            line += (f"; XLA: arguments {_fmt_bytes(x['argument_size_in_bytes'])}, outputs "
+                     f"{_fmt_bytes(x['output_size_in_bytes'])}, temporaries {_fmt_bytes(x['temp_size_in_bytes'])}")
+        print(line)
+        for w in rep.warnings:
+            print(f"warning [{w.kind}] {w.message}\n  fix: {w.fix}")
+    for name in args.explain:
+        print(rep.explain(name))
     if args.json:
         rep.to_json(args.json)
         print(f"wrote {args.json}")
@@ -87,28 +274,49 @@ def report(args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="autoshard", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (("demo", "train a small model on simulated devices and check it against one device"),
-                            ("report", "print the sharding report of a reference model's train step")):
-        p = sub.add_parser(name, help=help_text)
+
+    def common(p):
         p.add_argument("--model", default="gpt", choices=("gpt", "mlp"))
-        p.add_argument("--mesh", default="data=2,model=4")
+        p.add_argument("--mesh", default="data=2,model=4", help="mesh shape, e.g. data=2,model=4")
         p.add_argument("--strategy", default="dp_tp", choices=("dp", "fsdp", "tp", "dp_tp"))
         p.add_argument("--batch", type=int, default=8)
-        if name == "demo":
-            p.add_argument("--steps", type=int, default=5)
-            p.add_argument("--rtol", type=float, default=1e-4)
-        else:
-            p.add_argument("--json")
-            p.add_argument("--html")
-            p.add_argument("--full", action="store_true", help="print every equation and collective")
+
+    d = sub.add_parser("demo", help="train a small model on simulated devices and check it against one device")
+    common(d)
+    d.add_argument("--steps", type=int, default=5)
+    d.add_argument("--rtol", type=float, default=1e-4)
+
+    r = sub.add_parser("report", help="the sharding report of a reference model's train step or of your function",
+                       description="Print the sharding report of a reference model's train step (--model) or of "
+                                   "TARGET, a function traced on the abstract shapes given by --shapes.")
+    r.add_argument("target", nargs="?", help="path/to/file.py:function or package.module:function")
+    common(r)
+    r.add_argument("--shapes", help="abstract inputs, one per positional argument: \"f32[8,16],f32[16,32]\"")
+    r.add_argument("--in-specs", help="one entry per positional argument: \"P('data',None),P(None,'model')\"")
+    r.add_argument("--out-specs", help="output specs, same syntax (default: inferred)")
+    r.add_argument("--static-argnums", type=int, nargs="*", default=[])
+    r.add_argument("--abstract", action="store_true", help="plan on an abstract mesh (no devices, no XLA)")
+    r.add_argument("--link", action="append", default=[], metavar="AXIS=LATENCY,BANDWIDTH",
+                   help="link model of a mesh axis for time estimates, e.g. data=25us,12.5GB/s "
+                        "(default 5us,100GB/s per axis); repeat per axis")
+    r.add_argument("--roles", help="argument roles for the memory table: \"0=parameters,1=optimizer state,2=batch\"")
+    r.add_argument("--explain", action="append", default=[], metavar="NAME",
+                   help="print where NAME's layout came from (repeatable)")
+    r.add_argument("--no-xla", action="store_true", help="skip compiling for XLA's memory_analysis")
+    r.add_argument("--json")
+    r.add_argument("--html")
+    r.add_argument("--full", action="store_true", help="print every equation and collective")
     args = parser.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    _ensure_cpu_devices(max(8, _mesh_size(args.mesh)))
     from .errors import ShardingError
     try:
+        _ensure_cpu_devices(max(8, _mesh_size(args.mesh)))
         return {"demo": demo, "report": report}[args.command](args)
-    except ShardingError as e:
+    except (ShardingError, UsageError) as e:
         print(f"autoshard: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    except KeyError as e:           # report.explain of an unknown name
+        print(f"autoshard: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
 
 

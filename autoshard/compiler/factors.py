@@ -238,8 +238,16 @@ def assignment_cost(assignment, rule, tensors, axis_sizes, links, passed_partial
     return cost + points * COMPUTE_SECONDS_PER_POINT
 
 
-def choose(rule, tensors, axis_sizes, links, reserved=(), passed_partial=()):
-    """The assignment for one equation and its cost.
+@dataclass(frozen=True)
+class Choice:
+    assignment: Assignment
+    cost: float
+    by_cost: bool          # the known layouts conflicted and the cost model decided
+    candidates: int = 1
+
+
+def choose(rule, tensors, axis_sizes, links, reserved=(), passed_partial=()) -> Choice:
+    """The assignment for one equation.
 
     Where the known tensors agree, their merge is taken as is (as Shardy's propagation
     does: annotations flow, and a weight split on a contracting dim stays split, leaving a
@@ -252,13 +260,14 @@ def choose(rule, tensors, axis_sizes, links, reserved=(), passed_partial=()):
         if legal == [merged]:
             c = assignment_cost(merged, rule, tensors, axis_sizes, links, passed_partial)
             if c is not None:
-                return merged, c
+                return Choice(merged, c, False)
     best, best_cost = None, math.inf
-    for cand in candidate_assignments(rule, tensors, axis_sizes, reserved):
+    candidates = candidate_assignments(rule, tensors, axis_sizes, reserved)
+    for cand in candidates:
         c = assignment_cost(cand, rule, tensors, axis_sizes, links, passed_partial)
         if c is not None and c < best_cost - 1e-18:
             best, best_cost = cand, c
     if best is None:
         best = ((),) * len(rule.sizes)
         best_cost = assignment_cost(best, rule, tensors, axis_sizes, links, passed_partial)
-    return best, best_cost
+    return Choice(best, best_cost, True, len(candidates))

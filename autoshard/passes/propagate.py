@@ -51,7 +51,10 @@ def run(program):
         if all(t.layout is None for t in tensors):
             return False
         fr = program.rules[eqn.index]
-        best, _ = choose(fr, tensors, sizes, links)
+        choice = choose(fr, tensors, sizes, links)
+        best = choice.assignment
+        how = (f"; cost-based choice among {choice.candidates} candidates (the layouts around it conflicted)"
+               if choice.by_cost else "")
         values = list(eqn.invars) + list(eqn.outvars) + [v for v, _ in fr.linked]
         known = tuple(v for v, t in zip(values, tensors) if t.layout is not None and not v.is_const)
         changed = False
@@ -65,7 +68,7 @@ def run(program):
             if cur is None or (new != cur and new.refines(cur)):
                 layouts[v] = new
                 program.provenance[v] = Provenance(
-                    "propagated", f"{eqn.prim.name} at {eqn.source}", eqn.index,
+                    "propagated", f"{eqn.prim.name} at {eqn.source}{how}", eqn.index,
                     tuple(k for k in known if k is not v),
                     "forward" if t.is_result else "backward")
                 changed = True

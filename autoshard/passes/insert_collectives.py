@@ -183,6 +183,10 @@ class _Placer:
             ctx = local_context(eqn, ins_now, made, self.sizes)
             for i, t, reason in rule.internal(eqn, ctx):
                 v = eqn.invars[i]
+                key = (v, ins_now[i], t)     # same rows of the same value: XLA runs it once
+                if key in self.planned:
+                    continue
+                self.planned.add(key)
                 p.reshards.append(Reshard(v, ins_now[i], ins_now[i], (t,), f"{where}: {reason}",
                                           eqn.source, where, internal=True))
 

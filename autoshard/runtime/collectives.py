@@ -67,3 +67,135 @@ def apply(x, transforms, axis_sizes):
         else:
             raise AssertionError(f"unknown transform {t.kind}")
     return x
+
+
+# -- windowed ops (halo exchange)
+# A dim split over ``axes`` into blocks of ``block`` rows (the last ones padded when the split
+# is uneven). A windowed op's device needs the rows ``[first, end)`` *relative to its own
+# block's first row*: its own rows and halos from the blocks ``k`` before or after it, one
+# collective-permute per such block. Rows beyond the ends of the dim arrive as zeros (a
+# device with no source receives zeros) or, with ``fill``, as ``fill``.
+def _n_blocks(axes, axis_sizes):
+    n = 1
+    for a in axes:
+        n *= axis_sizes[a]
+    return n
+
+
+def _ppermute(x, axes, axis_sizes, pairs):
+    """``ppermute`` between block indices of a dim split over ``axes`` (major to minor).
+    Over several axes jax numbers the devices in mesh order whatever the order of ``axes``
+    (``axis_sizes`` is in mesh order): the pairs are translated."""
+    if len(axes) == 1:
+        return lax.ppermute(x, axes[0], pairs)
+    mesh_order = [a for a in axis_sizes if a in axes]
+
+    def rank(b):
+        coords = {}
+        for a in reversed(axes):
+            coords[a] = b % axis_sizes[a]
+            b //= axis_sizes[a]
+        r = 0
+        for a in mesh_order:
+            r = r * axis_sizes[a] + coords[a]
+        return r
+    return lax.ppermute(x, tuple(mesh_order), [(rank(s), rank(t)) for s, t in pairs])
+
+
+def _moved_axes(axes, axis_sizes, pairs):
+    """Mesh axes along which some source and its target differ (as the HLO shows them)."""
+    sizes = [axis_sizes[a] for a in axes]
+
+    def coords(i):
+        out = []
+        for n in reversed(sizes):
+            out.append(i % n)
+            i //= n
+        return out[::-1]
+    return tuple(a for j, a in enumerate(axes)
+                 if any(coords(s)[j] != coords(t)[j] for s, t in pairs))
+
+
+def window_pieces(axes, axis_sizes, block, first, end):
+    """How rows ``[first, end)`` (relative to each block) are assembled, in row order:
+    ``(k, start, stop, pairs, moved_axes)`` = rows ``[start, stop)`` of the block ``k``
+    after this one (``k < 0``: before); ``pairs`` (source, target) block indices, empty for
+    the own block (``k == 0``, no collective) and for blocks past every end (zeros)."""
+    n = _n_blocks(axes, axis_sizes)
+    out = []
+    for k in range(first // block, -(-end // block)):
+        start, stop = max(first, k * block) - k * block, min(end, (k + 1) * block) - k * block
+        if stop <= start:
+            continue
+        pairs = () if k == 0 or abs(k) >= n else \
+            tuple((s, s - k) for s in range(max(k, 0), n + min(k, 0)))
+        out.append((k, start, stop, pairs, _moved_axes(axes, axis_sizes, pairs) if pairs else ()))
+    return out
+
+
+def window_rows(x, dim, axes, axis_sizes, first, end, fill=None, size=None):
+    """Rows ``[first, end)`` relative to this device's block along ``dim`` (its own rows and
+    halos from the blocks around it). With ``fill``, rows outside ``[0, size)`` -- beyond the
+    ends, or the padding of an unevenly split dim -- are set to ``fill``.
+
+    >>> # rows 0..7 over a=4 (blocks of 2), first=-1, end=3: device 1 gets rows 1, 2, 3, 4
+    """
+    block = x.shape[dim]
+    pieces = []
+    for k, start, stop, pairs, _ in window_pieces(axes, axis_sizes, block, first, end):
+        piece = lax.slice_in_dim(x, start, stop, axis=dim)
+        if k != 0:
+            if pairs:
+                piece = _ppermute(piece, axes, axis_sizes, pairs)
+            else:
+                piece = jnp.zeros_like(piece)
+        pieces.append(piece)
+    out = pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=dim)
+    if fill is not None:
+        size = _n_blocks(axes, axis_sizes) * block if size is None else size
+        shape = [1] * x.ndim
+        shape[dim] = out.shape[dim]
+        row = block_index(axes, axis_sizes) * block + first + lax.broadcasted_iota(jnp.int32, tuple(shape), dim)
+        out = jnp.where((row >= 0) & (row < size), out, jnp.asarray(fill, dtype=x.dtype))
+    return out
+
+
+def window_return(y, dim, axes, axis_sizes, block, first, end):
+    """Transpose of :func:`window_rows`: ``y`` holds rows ``[first, end)`` relative to this
+    device's block; each row is sent back to the block that owns it and added there."""
+    shape = list(y.shape)
+    shape[dim] = block
+    own = jnp.zeros(shape, y.dtype)
+    pos = 0
+    for k, start, stop, pairs, _ in window_pieces(axes, axis_sizes, block, first, end):
+        piece = lax.slice_in_dim(y, pos, pos + stop - start, axis=dim)
+        pos += stop - start
+        if k != 0 and not pairs:
+            continue
+        if pairs:
+            piece = _ppermute(piece, axes, axis_sizes, [(t, s) for s, t in pairs])
+        widths = [(0, 0)] * y.ndim
+        widths[dim] = (start, block - stop)
+        own = own + jnp.pad(piece, widths)
+    return own
+
+
+def dynamic_rows(x, dim, axes, axis_sizes, start, step, rows):
+    """Rows ``[start + b * step, ... + rows)`` of ``x`` on the device of block ``b``
+    (clamped into ``x``, as ``dynamic_slice`` does)."""
+    if step == 0:
+        return lax.slice_in_dim(x, start, start + rows, axis=dim)
+    offset = start + block_index(axes, axis_sizes) * step
+    return lax.dynamic_slice_in_dim(x, offset, rows, axis=dim)
+
+
+def dynamic_place(y, dim, axes, axis_sizes, start, step, total):
+    """Transpose of :func:`dynamic_rows`: ``y`` placed in zeros of ``total`` rows."""
+    if step == 0:
+        widths = [(0, 0)] * y.ndim
+        widths[dim] = (start, total - start - y.shape[dim])
+        return jnp.pad(y, widths)
+    shape = list(y.shape)
+    shape[dim] = total
+    offset = start + block_index(axes, axis_sizes) * step
+    return lax.dynamic_update_slice_in_dim(jnp.zeros(shape, y.dtype), y, offset, axis=dim)

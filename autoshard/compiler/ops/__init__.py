@@ -168,4 +168,4 @@ def _load_families():
     global _LOADED
     if not _LOADED:
         _LOADED = True
-        from . import constraint, control_flow, dot, elementwise, indexing, random, reduction, shape  # noqa: F401
+        from . import constraint, control_flow, dot, elementwise, indexing, random, reduction, shape, conv  # noqa: F401

@@ -61,3 +61,9 @@ def _identity_lower(eqn, ctx, args):
 
 register(constrain_p, lower=_identity_lower)(elementwise_factors)
 register(lax.sharding_constraint_p, lower=_identity_lower)(elementwise_factors)
+
+# ``reshard`` appears in jaxprs traced with the mesh in context (jnp's scatter inserts one on
+# its updates; on Auto mesh axes its ``dst_sharding`` only restates an unconstrained type).
+# It is a value identity that lets layouts propagate through it, not a constraint; without a
+# rule ``x.at[i].add(u)`` under ``parallelize`` raised UnsupportedPrimitiveError.
+register("reshard", partial="unary_any", lower=_identity_lower)(elementwise_factors)

@@ -11,6 +11,7 @@ when exactly one operand is; ``div`` when the numerator is; ``neg`` always; ``ma
 """
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
@@ -48,8 +49,11 @@ def elementwise_factors(eqn):
 
 
 _PARTIAL_MODE = {
-    "neg": "unary_any", "copy": "unary_any", "copy_p": "unary_any", "stop_gradient": "unary_any",
-    "reduce_precision": "unary_any", "real": "unary_sum", "imag": "unary_sum", "conj": "unary_sum",
+    # neg is linear, but it turns a max into a min: -(P(max)) is not P(max) (gave wrong values
+    # for ``-x.max(axis)`` with ``axis`` split), so only sums pass. reduce_precision rounds
+    # each partial sum apart (wrong sums); it is monotone, so maxima pass.
+    "neg": "unary_sum", "copy": "unary_any", "copy_p": "unary_any", "stop_gradient": "unary_any",
+    "reduce_precision": "unary_max", "real": "unary_sum", "imag": "unary_sum", "conj": "unary_sum",
     "add": "same_sum", "add_any": "same_sum", "sub": "same_sum",
     "mul": "one_sum", "div": "first_sum", "max": "same_max", "min": "same_min",
 }
@@ -59,10 +63,26 @@ for _name in _UNARY + _BINARY:
 
 
 def _convert_partial_mode(eqn):
+    # jnp.issubdtype: np.issubdtype does not know bfloat16 is a float.
     src, dst = np.dtype(eqn.invars[0].dtype), np.dtype(eqn.params["new_dtype"])
-    if np.issubdtype(src, np.inexact) and np.issubdtype(dst, np.inexact):
-        return "unary_any"     # float -> float: sums and maxima commute (up to rounding)
-    return "unary_max"         # monotone casts commute with max only
+    src_float, dst_float = jnp.issubdtype(src, jnp.floating), jnp.issubdtype(dst, jnp.floating)
+    if src_float and dst_float and (dst.itemsize > src.itemsize or dst == src):
+        return "unary_any"     # widening float -> float: sums and maxima commute (up to rounding)
+    # Otherwise only monotone casts commute, with max only. Not monotone (wrong values before,
+    # as every non-float cast passed P(max)): to bool (max(-1, 0) = 0 is False, but -1 is
+    # True), int narrowing (wraps), signed <-> unsigned, float -> unsigned. A narrowing float
+    # cast rounds each partial sum apart, so it passes maxima only.
+    if dst == np.bool_:
+        monotone = src == np.bool_
+    elif src == np.bool_:
+        monotone = True
+    elif jnp.issubdtype(src, jnp.integer) and jnp.issubdtype(dst, jnp.integer):
+        monotone = bool(np.can_cast(src, dst, "safe"))
+    elif dst_float:
+        monotone = src_float or jnp.issubdtype(src, jnp.integer)
+    else:
+        monotone = src_float and jnp.issubdtype(dst, jnp.signedinteger)
+    return "unary_max" if monotone else "none"
 
 
 register(lax.convert_element_type_p, partial=_convert_partial_mode)(elementwise_factors)

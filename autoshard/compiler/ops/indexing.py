@@ -127,7 +127,22 @@ def _lower_gather(eqn, ctx, args):
     return [out]
 
 
-register(lax.gather_p, partial="unary_any", localize=_localize_gather, lower=_lower_gather)(gather_factors)
+def _gather_partial(eqn):
+    """Gathering from a partial table gives a partial result of the same kind, except that in
+    FILL_OR_DROP mode every device writes the fill value for out-of-bounds ids: a P(sum)
+    table would sum it once per device (fill 1.0 read as 8.0 on 8 devices; the int default
+    fill, the most negative value, wraps). Only a zero or NaN fill sums to itself; maxima of
+    equal fills are always right."""
+    if eqn.params["mode"] != GatherScatterMode.FILL_OR_DROP:
+        return "unary_any"
+    fill = eqn.params.get("fill_value")
+    inexact = np.issubdtype(np.dtype(eqn.outvars[0].dtype), np.inexact)
+    if (fill is None and inexact) or (fill is not None and (fill == 0 or np.isnan(fill))):
+        return "unary_any"
+    return "unary_max"
+
+
+register(lax.gather_p, partial=_gather_partial, localize=_localize_gather, lower=_lower_gather)(gather_factors)
 
 
 def _scatter_factors(eqn, reduction_kind):

@@ -79,7 +79,8 @@ def _lower_random_bits(eqn, ctx, args):
     (key,) = args
     shape, bits = eqn.params["shape"], eqn.params["bit_width"]
     layout, local = ctx.out_layouts[0], ctx.out_shapes[0]
-    if not any(layout.dims):
+    if eqn.invars[0].shape or not any(layout.dims):
+        # Batched keys: only their batch dims may be split; each device draws for its keys.
         return [eqn.prim.bind(key, **eqn.params)]
     # Linear index, in the global array, of every element of this device's block.
     index = jnp.zeros(local, jnp.uint32)
@@ -102,5 +103,9 @@ def _lower_random_bits(eqn, ctx, args):
 def random_bits_factors(eqn):
     fb = FactorBuilder()
     kind = "pass" if _partitionable(eqn) else "replicate"
+    # Batched keys (vmap over a key array): the result is keys.shape + shape, and each key
+    # draws independently, so the key batch dims are shared pass factors. (Building the
+    # result from ``shape`` alone gave it too few dims and the planner failed.)
+    keys = [fb.new(s) for s in eqn.invars[0].shape]
     out = [fb.new(s, kind) for s in eqn.params["shape"]]
-    return fb.build([[fb.new(s, "replicate") for s in eqn.invars[0].shape]], [out])
+    return fb.build([keys], [keys + out])

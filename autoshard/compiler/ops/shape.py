@@ -7,8 +7,8 @@ split of ``[B, T, D]``'s ``D`` over ``model`` reaches the head dim of ``[B, T, H
     reshape f32[8,32] -> f32[8,4,8]     factors a:8 b:4 c:8
     operand (a)(b,c)   result (a)(b)(c)
 
-Dims that are sliced, padded, concatenated or reversed are ``replicate`` factors here (a split
-along them needs halos or offsets: issue #3). ``iota`` along a split dim adds the device's
+Dims that are sliced, concatenated or reversed are ``replicate`` factors here (a split along
+them needs offsets); ``pad`` lives with the windowed ops in ``conv.py`` (halos). ``iota`` along a split dim adds the device's
 block offset in its local lowering.
 """
 from __future__ import annotations
@@ -80,7 +80,15 @@ def _localize_reshape(eqn, ctx):
 @_structural(lax.reshape_p, localize=_localize_reshape)
 def reshape_factors(eqn):
     fb = FactorBuilder()
-    ins, outs = reshape_factor_dims(eqn.invars[0].shape, eqn.outvars[0].shape, fb)
+    shape = eqn.invars[0].shape
+    # ``dimensions`` (emitted e.g. by jax.grad of prod) transposes the operand before the
+    # reshape: walk the permuted shape and map its factors back to the operand's own dims
+    # (ignoring it gave silently wrong results for a split operand).
+    perm = eqn.params.get("dimensions") or tuple(range(len(shape)))
+    permuted, outs = reshape_factor_dims(tuple(shape[d] for d in perm), eqn.outvars[0].shape, fb)
+    ins = [()] * len(shape)
+    for k, d in enumerate(perm):
+        ins[d] = permuted[k]
     return fb.build([ins] + [()] * (len(eqn.invars) - 1), [outs])
 
 
@@ -173,12 +181,6 @@ def split_factors(eqn):
     return _moved_dims_factors(eqn, {eqn.params["axis"]}, 1)
 
 
-@register(lax.pad_p)
-def pad_factors(eqn):
-    padded = {d for d, cfg in enumerate(eqn.params["padding_config"]) if tuple(cfg) != (0, 0, 0)}
-    return _moved_dims_factors(eqn, padded, 1)
-
-
 # -- dynamic_slice / dynamic_update_slice -------------------------------------------------
 def _localize_dynamic_slice(eqn, ctx):
     return {**eqn.params, "slice_sizes": tuple(ctx.out_shapes[0])}
@@ -200,3 +202,12 @@ def dynamic_update_slice_factors(eqn):
     op_dims = [fb.new(s, "replicate") if shared[d] is None else shared[d] for d, s in enumerate(operand)]
     up_dims = [fb.new(s, "replicate") if shared[d] is None else shared[d] for d, s in enumerate(update)]
     return fb.build([op_dims, up_dims] + [()] * (len(eqn.invars) - 2), [op_dims])
+
+
+# -- empty2 -------------------------------------------------------------------------------
+# ``jax.grad`` of ``lax.cond`` emits ``empty2`` (a rank-0 placeholder that is then broadcast)
+# for residuals a branch does not produce: no operands, nothing to split. Without a rule the
+# gradient of any cond raised UnsupportedPrimitiveError.
+@register("empty2")
+def empty_factors(eqn):
+    return FactorBuilder().build([], [[] for _ in eqn.outvars])

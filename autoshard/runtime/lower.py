@@ -13,11 +13,10 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import NamedSharding
 
 from ..compiler.layout import Layout
-from ..compiler.ops import get_rule, local_context
+from ..compiler.ops import get_rule, local_context, reduction_identity
 from ..compiler.ops.control_flow import lower_region
 from ..compiler.planner import plan
 from . import collectives
@@ -77,20 +76,6 @@ def local_function(program):
     return local
 
 
-_REDUCTION_FILL = {"sum": lambda dt: 0, "max": lambda dt: _extreme(dt, low=True),
-                   "min": lambda dt: _extreme(dt, low=False)}
-
-
-def _extreme(dtype, low):
-    dtype = np.dtype(dtype)
-    if np.issubdtype(dtype, np.floating):
-        return -np.inf if low else np.inf
-    if dtype == np.bool_:
-        return not low
-    info = np.iinfo(dtype)
-    return info.min if low else info.max
-
-
 def mask_uneven_reductions(program, eqn, ins):
     """Padding rows of an unevenly split dim hold arbitrary values; where the equation
     reduces over that dim (a split sum/max/min factor) they are set to the reduction's
@@ -100,14 +85,14 @@ def mask_uneven_reductions(program, eqn, ins):
     sizes = program.axis_sizes
     for f, axes in enumerate(assignment):
         kind = fr.kinds[f]
-        if kind not in _REDUCTION_FILL or not axes or fr.sizes[f] % math.prod(sizes[a] for a in axes) == 0:
+        if kind not in ("sum", "max", "min") or not axes or fr.sizes[f] % math.prod(sizes[a] for a in axes) == 0:
             continue
         for i, dims in enumerate(fr.operands):
             for d, fids in enumerate(dims):
                 if fids == (f,) and not eqn.invars[i].is_const:
                     x = jnp.asarray(ins[i])
                     ins[i] = collectives.mask_padding(x, d, axes, sizes, fr.sizes[f],
-                                                      _REDUCTION_FILL[kind](x.dtype))
+                                                      reduction_identity(kind, x.dtype))
     return ins
 
 

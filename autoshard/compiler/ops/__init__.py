@@ -129,6 +129,22 @@ def get_rule(eqn) -> OpRule:
     return rule
 
 
+def extreme_value(dtype, low: bool):
+    """The lowest (``low``) or highest value of ``dtype``: the identity of max (min)."""
+    dtype = np.dtype(dtype)
+    if np.issubdtype(dtype, np.floating):
+        return -np.inf if low else np.inf
+    if dtype == np.bool_:
+        return not low
+    info = np.iinfo(dtype)
+    return info.min if low else info.max
+
+
+def reduction_identity(op: str, dtype):
+    """What padding must hold so a reduction with ``op`` ignores it."""
+    return 0 if op == "sum" else extreme_value(dtype, low=(op == "max"))
+
+
 def partial_passes(mode: str, eqn, operand_partials) -> bool:
     """Whether the op maps partial operands to a partial result of the same kind.
 

@@ -54,7 +54,7 @@ from dataclasses import dataclass
 import numpy as np
 from jax import lax
 
-from . import FactorBuilder, register
+from . import FactorBuilder, extreme_value, register
 from ..planner import Transform
 
 
@@ -270,16 +270,6 @@ def _fill_tag(v):
     return ("value", v)
 
 
-def _extreme(dtype, low):
-    dtype = np.dtype(dtype)
-    if np.issubdtype(dtype, np.floating):
-        return -np.inf if low else np.inf
-    if dtype == np.bool_:
-        return not low
-    info = np.iinfo(dtype)
-    return info.min if low else info.max
-
-
 # -------------------------------------------------------------------- conv_general_dilated
 def _conv_windows(eqn):
     """Per spatial dim: (lhs dim, rhs dim, out dim, Window, mode)."""
@@ -429,7 +419,7 @@ def _lower_simple(eqn, ctx, args):
     halos = _window_halos(_simple_windows(eqn), ctx, 0)
     x = args[0]
     low = _RW_FILL[eqn.prim.name]
-    x = _extend(x, halos, ctx.axis_sizes, None if low is None else _extreme(x.dtype, low))
+    x = _extend(x, halos, ctx.axis_sizes, None if low is None else extreme_value(x.dtype, low))
     params = _clean(eqn.params)
     params["padding"] = _with_padding(params["padding"], halos)
     return [eqn.prim.bind(x, **params)]
@@ -492,7 +482,7 @@ def _lower_gather(eqn, ctx, args):
     tangents, operand = args
     halos = _window_halos(_gather_windows(eqn), ctx, 1)
     tangents = _extend(tangents, halos, ctx.axis_sizes)
-    operand = _extend(operand, halos, ctx.axis_sizes, _extreme(operand.dtype, _select_low(eqn)))
+    operand = _extend(operand, halos, ctx.axis_sizes, extreme_value(operand.dtype, _select_low(eqn)))
     params = _clean(eqn.params)
     params["padding"] = _with_padding(params["padding"], halos)
     return [eqn.prim.bind(tangents, operand, **params)]
@@ -531,7 +521,7 @@ def _lower_scatter(eqn, ctx, args):
             source = collectives.mask_padding(source, d, axes, sizes, w.out_size, 0)
     # On XLA CPU/GPU the op pads the operand with the select identity (-inf for ge) and
     # selects over the padded array: edge halos filled alike select the same elements.
-    operand = _extend(operand, halos, ctx.axis_sizes, _extreme(operand.dtype, _select_low(eqn)))
+    operand = _extend(operand, halos, ctx.axis_sizes, extreme_value(operand.dtype, _select_low(eqn)))
     params = _clean(eqn.params)
     params["padding"] = _with_padding(params["padding"], halos)
     out = eqn.prim.bind(source, operand, **params)

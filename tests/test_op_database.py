@@ -444,7 +444,7 @@ add("cond", "cond", _cond, A((), "i"), A((8, 16)), A((8, 16)), grad=True)
 add("empty2", "cond_grad", jax.grad(lambda p, x, y: jnp.sum(lax.cond(p > 0, jnp.sin, lambda a: a * y, x)),
                                     argnums=(1, 2)), A((), "i"), A((8, 16)), A((8, 16)))
 add("remat2", "checkpoint", lambda x, w: jax.checkpoint(lambda a, b: jnp.tanh(a @ b) * a.sum())(x, w),
-    A((8, 16)), A((16, 16)), grad=True)
+    A((8, 16), "small"), A((16, 16), "small"), grad=True)
 
 
 # -- random numbers (int32 seeds and data, converted inside) ---------------------------------

@@ -208,6 +208,20 @@ def _as_link(axis, value) -> LinkModel:
 
 # ----------------------------------------------------------------------------- the report
 
+def memory_rows(mem: dict, with_total: bool = False) -> list[tuple]:
+    """(what, estimate, XLA's figure or None) rows of a ``memory()`` dict, for tables."""
+    xla = mem.get("xla") or {}
+    rows = [("parameters", mem["parameters"], None), ("optimizer state", mem["optimizer_state"], None),
+            ("batch", mem["batch"], None), ("other inputs", mem["other_inputs"], None),
+            ("arguments", mem["arguments"], xla.get("argument_size_in_bytes")),
+            ("outputs", mem["outputs"], xla.get("output_size_in_bytes")),
+            ("activations (peak live, estimated)", mem["activations_peak"], xla.get("temp_size_in_bytes")),
+            ("largest intermediate", mem["largest_intermediate"], None)]
+    if with_total:
+        rows.append(("intermediates total", mem["intermediates_total"], None))
+    return rows
+
+
 class ShardingReport:
     """The sharding plan of one traced function, for people (``print``, ``to_html``) and
     programs (``to_dict``/``to_json``, schema in ``docs/report_schema.json``).
@@ -1046,14 +1060,7 @@ class ShardingReport:
         mt.add_column("what")
         mt.add_column("estimate", justify="right")
         mt.add_column("XLA memory_analysis", justify="right")
-        xla = mem.get("xla") or {}
-        rows = [("parameters", mem["parameters"], None), ("optimizer state", mem["optimizer_state"], None),
-                ("batch", mem["batch"], None), ("other inputs", mem["other_inputs"], None),
-                ("arguments", mem["arguments"], xla.get("argument_size_in_bytes")),
-                ("outputs", mem["outputs"], xla.get("output_size_in_bytes")),
-                ("activations (peak live, estimated)", mem["activations_peak"], xla.get("temp_size_in_bytes")),
-                ("largest intermediate", mem["largest_intermediate"], None),
-                ("intermediates total", mem["intermediates_total"], None)]
+        rows = memory_rows(mem, with_total=True)
         for what, est, x in rows:
             mt.add_row(what, f"{est}", "" if x is None else f"{x}")
         yield mt

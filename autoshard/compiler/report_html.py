@@ -229,7 +229,6 @@ def _grid_html(report, shape, layout: Layout, labels) -> str:
               f"<div class='cap'>tensor: rows {'dim ' + str(rows) if rows is not None else '-'}, columns "
               f"{'dims ' + ','.join(map(str, cols)) if cols else '-'}; labels: devices</div></div>")
     msizes = [sizes[a] for a in axes]
-    mrows = msizes[0] if len(msizes) >= 2 else 1
     mcols = math.prod(msizes[1:]) if len(msizes) >= 2 else msizes[0]
     dev_cells = []
     for k, (r, c) in enumerate(g["where"]):
@@ -287,13 +286,9 @@ def _collectives_table(report) -> str:
 
 
 def _memory_table(mem) -> str:
+    from .report import memory_rows
     xla = mem.get("xla") or {}
-    rows = [("parameters", mem["parameters"], None), ("optimizer state", mem["optimizer_state"], None),
-            ("batch", mem["batch"], None), ("other inputs", mem["other_inputs"], None),
-            ("arguments", mem["arguments"], xla.get("argument_size_in_bytes")),
-            ("outputs", mem["outputs"], xla.get("output_size_in_bytes")),
-            ("activations (peak live, estimated)", mem["activations_peak"], xla.get("temp_size_in_bytes")),
-            ("largest intermediate", mem["largest_intermediate"], None)]
+    rows = memory_rows(mem)
     body = "".join(f"<tr><td>{_e(w)}</td><td class='num'>{e}</td><td class='num'>{'' if x is None else x}</td></tr>"
                    for w, e, x in rows)
     note = "" if xla else ("<p class='muted'>XLA's column is filled when the report is built with "

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import jax
 import numpy as np
-from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, PartitionSpec
 
 from ..compiler import ir, pipeline
 from ..compiler.mesh import MeshInfo

@@ -22,7 +22,7 @@ Each ``OpRule`` also says which operands may stay partial (``partial``, see
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np

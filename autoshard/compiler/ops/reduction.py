@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-from jax import lax
 
 from . import FactorBuilder, register
 

@@ -43,7 +43,7 @@ __all__ = ["MODEL_NAMES", "ModelDef", "get_model", "model_registry",
            "split_params", "merge_params", "functional_train_step"]
 
 #: Names accepted by :func:`get_model` and by the presets.
-MODEL_NAMES = ("gpt", "mlp")
+MODEL_NAMES = ("gpt", "mlp", "moe", "cnn")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

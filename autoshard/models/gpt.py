@@ -61,6 +61,11 @@ class GPTConfig:
     # Stack the blocks' parameters on a leading layer dim and run them with nnx.scan: one
     # loop in the program instead of n_layers copies (params["blocks"][...] gain dim 0).
     scan_layers: bool = False
+    # Sequence parallelism (Megatron-SP): a PartitionSpec tuple for the residual stream
+    # [B, T, D], e.g. ("data", "model", None). The stream is pinned to it at every block
+    # boundary with a sharding constraint, so layernorms and residual adds run on sequence
+    # shards. Set by ``presets.configure(..., "sp", ...)``; needs a mesh in context.
+    residual_spec: tuple | None = None
 
     def __post_init__(self):
         if self.d_model % self.n_heads:
@@ -135,14 +140,23 @@ class Block(nnx.Module):
     """Pre-layernorm transformer block: ``x + attn(ln1(x))``, then ``+ mlp(ln2(.))``."""
 
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+        self.residual_spec = cfg.residual_spec
         self.ln1 = _layernorm(cfg, rngs)
         self.attn = CausalSelfAttention(cfg, rngs=rngs)
         self.ln2 = _layernorm(cfg, rngs)
         self.mlp = FeedForward(cfg, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + self.attn(self.ln1(x))
+        x = _pin_residual(x, self.residual_spec)
+        x = _pin_residual(x + self.attn(self.ln1(x)), self.residual_spec)
         return x + self.mlp(self.ln2(x))
+
+
+def _pin_residual(x: jax.Array, spec: tuple | None) -> jax.Array:
+    """Constrain the residual stream to ``spec`` (sequence parallelism), or leave it free."""
+    if spec is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*spec))
 
 
 class GPT(nnx.Module):
@@ -190,6 +204,7 @@ class GPT(nnx.Module):
         else:
             for block in self.blocks:
                 x = block(x)
+        x = _pin_residual(x, self.cfg.residual_spec)
         return self.lm_head(self.ln_f(x))  # logits [B, T, V]
 
 

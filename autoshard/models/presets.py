@@ -14,7 +14,13 @@ dp       all ``P()``                                    ``P('data', None..)``
 fsdp     first dim divisible by ``|data|`` on ``'data'`` ``P('data', None..)``
 tp       Megatron column/row split on ``'model'``       ``P()``
 dp_tp    as tp                                          ``P('data', None..)``
+sp       as tp; GPT's residual stream split on sequence ``P('data'?, 'model')``
 ======== ============================================== ======================
+
+``sp`` is Megatron sequence parallelism: outside attention and the MLP (layernorms,
+residual adds) activations are split along the sequence over ``'model'``; the model pins
+its residual stream there (``GPTConfig.residual_spec``, set by :func:`configure`). The
+``moe`` and ``cnn`` models define their own presets (``ep``: experts over ``'expert'``).
 
 Megatron (tp): q/k/v and ``up`` kernels are column-parallel
 (``P(None, 'model')``, bias ``P('model')``); attention ``out`` and ``down``
@@ -39,12 +45,20 @@ from jax.sharding import PartitionSpec as P
 
 from autoshard.models import MODEL_NAMES
 
-__all__ = ["STRATEGIES", "DATA_AXIS", "MODEL_AXIS", "required_axes",
-           "param_specs", "batch_specs", "describe"]
+__all__ = ["STRATEGIES", "DATA_AXIS", "MODEL_AXIS", "EXPERT_AXIS", "required_axes",
+           "strategies", "param_specs", "batch_specs", "configure", "describe"]
 
-STRATEGIES = ("dp", "fsdp", "tp", "dp_tp")
+#: Every strategy name some reference model accepts; :func:`strategies` says which a model has.
+STRATEGIES = ("dp", "fsdp", "tp", "dp_tp", "sp", "ep")
 DATA_AXIS = "data"
 MODEL_AXIS = "model"
+EXPERT_AXIS = "expert"
+
+# Strategies of the models whose specs are computed here. Other models (moe, cnn) own their
+# presets: their module defines STRATEGIES, param_specs, batch_specs (same signatures as the
+# functions below, without the model name) and optionally configure.
+_OWN_STRATEGIES = {"gpt": ("dp", "fsdp", "tp", "dp_tp", "sp"),
+                   "mlp": ("dp", "fsdp", "tp", "dp_tp")}
 
 # Mesh axes each strategy shards over.
 _REQUIRED_AXES = {
@@ -52,6 +66,8 @@ _REQUIRED_AXES = {
     "fsdp": (DATA_AXIS,),
     "tp": (MODEL_AXIS,),
     "dp_tp": (DATA_AXIS, MODEL_AXIS),
+    "sp": (MODEL_AXIS,),          # 'data', when the mesh has it, carries the batch
+    "ep": (EXPERT_AXIS,),
 }
 
 # Megatron rules keyed by (module name, leaf name), i.e. the last two keys of a
@@ -75,14 +91,53 @@ def required_axes(strategy: str) -> tuple[str, ...]:
     return _REQUIRED_AXES[strategy]
 
 
-def _check_strategy(strategy: str) -> None:
+def _check_strategy(strategy: str, model_name: str | None = None) -> None:
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
+    if model_name is not None and strategy not in strategies(model_name):
+        raise ValueError(f"model {model_name!r} has no strategy {strategy!r}; its strategies "
+                         f"are {strategies(model_name)}")
 
 
 def _check_model(model_name: str) -> None:
     if model_name not in MODEL_NAMES:
         raise ValueError(f"unknown model {model_name!r}; expected one of {MODEL_NAMES}")
+
+
+def _module(model_name: str):
+    """The model's module when it owns its presets (see ``_OWN_STRATEGIES``), else None."""
+    if model_name in _OWN_STRATEGIES:
+        return None
+    import importlib
+    return importlib.import_module(f"autoshard.models.{model_name}")
+
+
+def strategies(model_name: str) -> tuple[str, ...]:
+    """The strategy names ``model_name`` supports, e.g. ``strategies("mlp")``."""
+    _check_model(model_name)
+    module = _module(model_name)
+    return tuple(module.STRATEGIES) if module is not None else _OWN_STRATEGIES[model_name]
+
+
+def _data_axis_if_present(mesh_axis_names) -> str | None:
+    return DATA_AXIS if DATA_AXIS in tuple(mesh_axis_names) else None
+
+
+def configure(model_name: str, config: Any, strategy: str, mesh_axis_names) -> Any:
+    """The model config to trace under ``strategy``: the same config, except where a strategy
+    annotates activations as well (``sp`` pins GPT's residual stream to the sequence split)."""
+    _check_model(model_name)
+    _check_strategy(strategy, model_name)
+    _check_axes(strategy, mesh_axis_names)
+    module = _module(model_name)
+    if module is not None:
+        return module.configure(config, strategy, mesh_axis_names) \
+            if hasattr(module, "configure") else config
+    if strategy == "sp":
+        import dataclasses
+        return dataclasses.replace(
+            config, residual_spec=(_data_axis_if_present(mesh_axis_names), MODEL_AXIS, None))
+    return config
 
 
 def _check_axes(strategy: str, mesh_axis_names) -> None:
@@ -169,15 +224,18 @@ def param_specs(model_name: str, params: dict, strategy: str,
     {'blocks': {'0': {'up': {'kernel': P(None, 'model')}}}}
     """
     _check_model(model_name)
-    _check_strategy(strategy)
+    _check_strategy(strategy, model_name)
     _check_axes(strategy, mesh_axis_names)
+    module = _module(model_name)
+    if module is not None:
+        return module.param_specs(params, strategy, tuple(mesh_axis_names), dict(mesh_shape))
 
     if strategy == "dp":
         return _map_with_path(lambda path, x: P(), params)
     if strategy == "fsdp":
         n_data = _axis_size(mesh_shape, DATA_AXIS)
         return _map_with_path(lambda path, x: _fsdp_spec(tuple(x.shape), n_data, _stacked(path)), params)
-    # tp and dp_tp share the Megatron parameter layout.
+    # tp, dp_tp and sp share the Megatron parameter layout.
     n_model = _axis_size(mesh_shape, MODEL_AXIS)
     return _map_with_path(
         lambda path, x: _tp_spec(model_name, path, tuple(x.shape), n_model), params)
@@ -191,10 +249,16 @@ def batch_specs(model_name: str, batch: dict, strategy: str,
     {'tokens': P('data', None)}
     """
     _check_model(model_name)
-    _check_strategy(strategy)
+    _check_strategy(strategy, model_name)
     _check_axes(strategy, mesh_axis_names)
+    module = _module(model_name)
+    if module is not None:
+        return module.batch_specs(batch, strategy, tuple(mesh_axis_names))
     if strategy == "tp":
         return _map_with_path(lambda path, x: P(), batch)
+    if strategy == "sp":   # [B, T] tokens: batch over 'data' (if any), sequence over 'model'
+        data = _data_axis_if_present(mesh_axis_names)
+        return _map_with_path(lambda path, x: P(data, MODEL_AXIS), batch)
     return _map_with_path(lambda path, x: _split_dim(len(x.shape), 0, DATA_AXIS), batch)
 
 

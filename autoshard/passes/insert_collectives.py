@@ -34,15 +34,34 @@ def _fmt(lay: Layout, axes) -> str:
 
 
 def run(program):
+    """Place collectives; values whose partial is reduced for one of several consumers are
+    reduced once where they are made ("eager"), and the reduction is moved up a chain of
+    same-size linear ops to a value that has several partial consumers (the gradient of a
+    layernorm's output feeds the scale, bias and input gradients: one all-reduce of it
+    replaces one per branch)."""
     eager: set = set()
+    uses = _use_counts(program)
     for _ in range(MAX_ROUNDS):
-        reduced_at_consumer = _place(program, eager)
-        uses = _use_counts(program)
-        new = {v for v in reduced_at_consumer if uses.get(v, 0) > 1} - eager
+        placer = _place(program, eager)
+        reduced = placer.reduced_at_consumer | {v for v in eager if placer.made_partial.get(v)}
+        new = {v for v in placer.reduced_at_consumer if uses.get(v, 0) > 1}
+        new |= {_earliest_shared(v, placer.partial_source, uses) for v in reduced}
+        new = {v for v in new if v is not None} - eager
         if not new:
             break
         eager |= new
     return program
+
+
+def _earliest_shared(v, partial_source, uses):
+    """The furthest value up ``v``'s chain of same-size partial sources that has several
+    uses, or None: reducing there costs what reducing ``v`` costs and serves every use."""
+    found = None
+    while v in partial_source:
+        v = partial_source[v]
+        if uses.get(v, 0) > 1:
+            found = v
+    return found
 
 
 def _use_counts(program):
@@ -72,6 +91,8 @@ class _Placer:
         self.producer: dict = {}
         self.planned: set = set()
         self.reduced_at_consumer: set = set()
+        self.made_partial: dict = {}     # value -> its partial as produced (before any post)
+        self.partial_source: dict = {}   # value -> the one same-size partial input it passed on
 
     def layout_of(self, v):
         return self.actual[v] if v in self.actual else self.p.layouts[v]
@@ -112,6 +133,7 @@ class _Placer:
         p.produced[o] = made
         self.producer[o] = eqn
         self.actual[o] = made
+        self.made_partial[o] = made.partial
         target = p.layouts[o]
         if (o in p.closed and made != target) or (o in self.eager and made.partial):
             p.post[o] = target
@@ -161,6 +183,10 @@ class _Placer:
             in_elems = max(math.prod(v.shape) for v, q in zip(eqn.invars, parts) if q)
             keep = out_elems <= in_elems
         passed = tuple(sorted({q for qs in parts for q in qs})) if keep else ()
+        partial_inputs = [v for v, q in zip(eqn.invars, parts) if q]
+        if (passed and len(partial_inputs) == 1 and len(eqn.outvars) == 1
+                and math.prod(partial_inputs[0].shape) == math.prod(eqn.outvars[0].shape)):
+            self.partial_source[eqn.outvars[0]] = partial_inputs[0]
         tensors = eqn_tensors(p, eqn, self.layout_of)
         for t, q in zip(tensors, parts):
             t.keep_partial = q if keep else ()
@@ -216,4 +242,4 @@ def _place(program, eager) -> set:
             _, _, body_outs = region_boundaries(eqn, placer.canonical)
             for sub, outs in zip(eqn.subgraphs, body_outs):
                 program.region_outputs[id(sub)] = outs
-    return placer.reduced_at_consumer
+    return placer

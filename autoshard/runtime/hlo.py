@@ -366,7 +366,7 @@ def _mesh_info(mesh) -> tuple[tuple, tuple]:
     return tuple(mesh.shape.keys()), tuple(int(s) for s in mesh.shape.values())
 
 
-def _axes_of_groups(groups, mesh, where: str) -> tuple[tuple, int]:
+def _axes_of_groups(groups, mesh, where: str, strict: bool = True) -> tuple[tuple, int]:
     names, shape = _mesh_info(mesh)
     n = math.prod(shape)
     if groups is None:  # empty replica_groups: every device in one group
@@ -375,6 +375,9 @@ def _axes_of_groups(groups, mesh, where: str) -> tuple[tuple, int]:
     for subset, partition in _partitions(shape):
         if partition == target:
             return tuple(names[a] for a in subset), math.prod(shape[a] for a in subset)
+    if not strict:
+        # XLA's own partitioner may split a mesh axis into sub-axes; name the groups instead.
+        return (f"groups of {len(groups[0])}",), len(groups[0])
     raise ValueError(
         f"replica groups {[list(g) for g in groups]} of {where} match no subset of the mesh "
         f"axes {dict(zip(names, shape))} (device numbers are positions in mesh.devices.flat)")
@@ -433,12 +436,14 @@ def _record(kind, axes, group_size, hlo_type, shape) -> HloCollective:
                          group_size=group_size)
 
 
-def parse_collectives(hlo_text: str, mesh: "jax.sharding.Mesh") -> list[HloCollective]:
+def parse_collectives(hlo_text: str, mesh: "jax.sharding.Mesh",
+                      strict: bool = True) -> list[HloCollective]:
     """The collectives of compiled HLO text, one record per operand, in text order.
 
     ``mesh`` is the mesh the program was compiled for; device numbers in the HLO are
     positions in ``mesh.devices.flat``. Raises ``ValueError`` for replica groups that
-    no subset of the mesh axes produces.
+    no subset of the mesh axes produces, unless ``strict=False`` (for XLA's programs, which
+    may use part of an axis): then ``mesh_axes`` is ``("groups of K",)``.
     """
     instrs = list(_instructions(hlo_text))
     by_name = {ins.name: ins for ins in instrs}
@@ -453,7 +458,7 @@ def parse_collectives(hlo_text: str, mesh: "jax.sharding.Mesh") -> list[HloColle
         if kind == "collective-permute":
             axes, n = _axes_of_pairs(_source_target_pairs(ins.attrs), mesh, where)
         else:
-            axes, n = _axes_of_groups(_replica_groups(ins.attrs), mesh, where)
+            axes, n = _axes_of_groups(_replica_groups(ins.attrs), mesh, where, strict)
 
         # Per-device operands as (hlo_type, dims).
         shape = ins.shape

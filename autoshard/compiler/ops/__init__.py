@@ -185,3 +185,4 @@ def _load_families():
     if not _LOADED:
         _LOADED = True
         from . import constraint, control_flow, dot, elementwise, indexing, random, reduction, shape, conv  # noqa: F401
+        from . import sort  # noqa: F401

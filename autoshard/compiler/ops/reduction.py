@@ -4,7 +4,8 @@
 ``model`` leaves each device with a partial sum: the result is ``P(sum)`` over ``model``.
 ``reduce_max``/``reduce_min`` give ``P(max)``/``P(min)``. Reductions with no collective
 (prod, and, or, xor), arg-reductions and cumulative ops need their axis unsplit
-(``replicate`` factors); cumulative ops along a split dim are issue #3.
+(``replicate`` factors); cumulative ops along a split dim are issue #3. ``sort`` and
+``top_k`` are in ``sort.py``.
 """
 from __future__ import annotations
 
@@ -44,5 +45,5 @@ def _along_axis_factors(eqn):
     return fb.build([dims] * len(eqn.invars), [dims] * len(eqn.outvars))
 
 
-for _name in ("cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp", "sort"):
+for _name in ("cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"):
     register(_name)(_along_axis_factors)

@@ -1,4 +1,4 @@
-"""Command line: ``autoshard demo`` and ``autoshard report``.
+"""Command line: ``autoshard demo``, ``autoshard report`` and ``autoshard launch``.
 
 JAX reads ``XLA_FLAGS`` when its backend starts, so the flags for simulated CPU devices are
 set here before anything imports jax (appended to flags already set, never replacing them).
@@ -179,26 +179,73 @@ def demo(args) -> int:
     import numpy as np
 
     from . import parallelize
+    from .runtime import distributed
+    # Under `autoshard launch` this joins the other processes (before JAX starts its backend);
+    # alone it does nothing. The mesh then spans every process's devices.
+    multi = distributed.initialize()
+    say = print if not multi or jax.process_index() == 0 else (lambda *a, **k: None)
     mesh, model, cfg, params, optimizer, step, batch, in_specs = _setup(args)
     pstep = parallelize(step, mesh=mesh, in_specs=in_specs)
     opt_state = optimizer.init(params)
-    print(f"autoshard demo: {args.model} on mesh {dict(mesh.shape)} ({jax.devices()[0].platform}), "
-          f"strategy {args.strategy}, {args.steps} steps")
-    print(pstep.report(params, opt_state, batch).summary())
+    procs = f", {jax.process_count()} processes x {jax.local_device_count()} devices" if multi else ""
+    say(f"autoshard demo: {args.model} on mesh {dict(mesh.shape)} ({jax.devices()[0].platform}{procs}), "
+        f"strategy {args.strategy}, {args.steps} steps")
+    say(pstep.report(params, opt_state, batch).summary())
+
+    def global_batch(b):
+        """Each process loads only its rows of the batch (here: sliced from the seeded whole)."""
+        if not multi:
+            return b
+        shardings = pstep.input_shardings(params, opt_state, b)[2]
+        return jax.tree.map(lambda x, s: distributed.global_array(distributed.local_slice(x, s), s, x.shape),
+                            b, shardings)
+
+    # The 1-device reference runs in every process on its own first device.
+    ref_device = jax.local_devices()[0]
     ref_step = jax.jit(step)
-    ref_params, ref_state = params, opt_state
+    ref_params, ref_state = jax.device_put((params, opt_state), ref_device)
     worst = 0.0
-    print(f"{'step':>4}  {'autoshard loss':>15}  {'1-device loss':>15}  {'rel diff':>9}")
+    say(f"{'step':>4}  {'autoshard loss':>15}  {'1-device loss':>15}  {'rel diff':>9}")
     for i in range(args.steps):
         batch = model.make_batch(cfg, args.batch, seed=i)
-        loss, params, opt_state = pstep(params, opt_state, batch)
-        ref_loss, ref_params, ref_state = ref_step(ref_params, ref_state, batch)
+        loss, params, opt_state = pstep(params, opt_state, global_batch(batch))
+        ref_loss, ref_params, ref_state = ref_step(ref_params, ref_state, jax.device_put(batch, ref_device))
         rel = abs(float(loss) - float(ref_loss)) / max(abs(float(ref_loss)), 1e-12)
         worst = max(worst, rel)
-        print(f"{i:>4}  {float(loss):>15.6f}  {float(ref_loss):>15.6f}  {rel:>9.1e}")
+        say(f"{i:>4}  {float(loss):>15.6f}  {float(ref_loss):>15.6f}  {rel:>9.1e}")
     ok = worst <= args.rtol and bool(np.isfinite(worst))
-    print(f"{'OK' if ok else 'MISMATCH'}: largest relative loss difference {worst:.1e} (tolerance {args.rtol:g})")
+    say(f"{'OK' if ok else 'MISMATCH'}: largest relative loss difference {worst:.1e} (tolerance {args.rtol:g})")
     return 0 if ok else 1
+
+
+def launch(args) -> int:
+    """``autoshard launch --processes N --devices-per-process D -- CMD ...``: CMD as N JAX
+    processes on 127.0.0.1 (see ``autoshard.runtime.distributed.launch_local``)."""
+    from .runtime.distributed import launch_local
+    cmd = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        raise UsageError("autoshard launch: give the command after '--', e.g. "
+                         "autoshard launch --processes 2 --devices-per-process 4 -- autoshard demo")
+    try:
+        return launch_local(cmd, processes=args.processes, devices_per_process=args.devices_per_process,
+                            timeout_s=args.timeout, port=args.port)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _launch_parser(sub):
+    la = sub.add_parser("launch", help="run a command as several JAX processes on this machine (127.0.0.1)",
+                        description="Run CMD once per process with the coordinator address (127.0.0.1 and a free "
+                                    "port), the process id and count in the environment and DEVICES simulated CPU "
+                                    "devices each; output lines are prefixed [p<id>]. Exits non-zero (and stops "
+                                    "the others) as soon as one process fails.")
+    la.add_argument("--processes", type=int, default=2)
+    la.add_argument("--devices-per-process", type=int, default=4)
+    la.add_argument("--timeout", type=float, default=None, help="seconds before every process is stopped (exit 124)")
+    la.add_argument("--port", type=int, default=None, help="coordinator port (default: a free one)")
+    la.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...], e.g. -- autoshard demo --steps 5")
 
 
 def _user_report(args):
@@ -306,7 +353,14 @@ def main(argv=None) -> int:
     r.add_argument("--json")
     r.add_argument("--html")
     r.add_argument("--full", action="store_true", help="print every equation and collective")
+    _launch_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "launch":
+        try:
+            return launch(args)
+        except UsageError as e:
+            print(f"autoshard: {e}", file=sys.stderr)
+            return 2
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from .errors import ShardingError
     try:

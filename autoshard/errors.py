@@ -53,3 +53,12 @@ class UnsupportedPrimitiveError(NotImplementedError):
 
 class PlanningOnlyError(ShardingError):
     """A function built on an abstract mesh was called with data."""
+
+
+class ReshardWarning(UserWarning):
+    """An input arrived on another mesh (or other devices) and was copied onto the function's
+    mesh: correct, but a transfer on every call; place it with ``pf.input_shardings(...)``."""
+
+
+class RetraceWarning(UserWarning):
+    """A ``ParallelFunction`` was traced again for new input shapes/dtypes more often than expected."""

@@ -4,20 +4,37 @@ plan, lower, and cache.
 >>> pf = parallelize(f, mesh=mesh, in_specs=(P("data", None), None))     # doctest: +SKIP
 >>> pf(x, w)            # runs on the mesh                               # doctest: +SKIP
 >>> print(pf.report(x, w))                                               # doctest: +SKIP
+
+The compiled-program cache is keyed by the mesh, the annotations (in/out specs), the donated
+and static argument numbers, the input tree structure, every leaf's shape and dtype, and the
+static argument values (as ``jax.jit``, one cache per ``ParallelFunction``; ``trace_count``
+counts its traces). Inputs with other shapes or dtypes trace a new program (the reason is
+kept in ``pf.last_retrace_reason``; a ``RetraceWarning`` past ``RETRACE_WARN_AT`` traces).
+
+At call time each input leaf is placed in the layout the program expects: a ``jax.Array``
+already there (equal or equivalent sharding) is passed as is, never copied; one on another
+mesh or other devices is copied over with a ``ReshardWarning``; host values (NumPy, scalars)
+are put on the devices. In a multi-process run (``autoshard.runtime.distributed``) host
+values and process-local arrays are taken to be the same on every process, and each
+process fills only its own shards.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 
 import jax
 import numpy as np
-from jax.sharding import AbstractMesh, PartitionSpec
+from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 
 from ..compiler import ir, pipeline
 from ..compiler.mesh import MeshInfo
-from ..errors import PlanningOnlyError, SpecError
+from ..errors import PlanningOnlyError, ReshardWarning, RetraceWarning, SpecError
 from .lower import lower_to_jit
+
+#: Warn (``RetraceWarning``) when one ParallelFunction has traced more than this many programs.
+RETRACE_WARN_AT = 8
 
 
 def _is_spec_leaf(x):
@@ -43,16 +60,31 @@ def flatten_specs(specs, tree, root: str, what: str):
 
 
 def _aval(x):
-    if isinstance(x, jax.ShapeDtypeStruct):
-        return jax.ShapeDtypeStruct(x.shape, x.dtype)
-    if isinstance(x, (jax.Array, np.ndarray, np.generic)):
-        return jax.ShapeDtypeStruct(x.shape, x.dtype)
+    """Shape and canonical dtype (float64 NumPy data is float32 unless jax_enable_x64 is on:
+    it is what ``device_put`` makes of it, so both spellings share one program)."""
+    if isinstance(x, (jax.ShapeDtypeStruct, jax.Array, np.ndarray, np.generic)):
+        return jax.ShapeDtypeStruct(x.shape, jax.dtypes.canonicalize_dtype(x.dtype))
     arr = np.asarray(x)
-    if arr.dtype == np.float64:
-        arr = arr.astype(np.float32)
-    elif arr.dtype == np.int64:
-        arr = arr.astype(np.int32)
-    return jax.ShapeDtypeStruct(arr.shape, arr.dtype)
+    return jax.ShapeDtypeStruct(arr.shape, jax.dtypes.canonicalize_dtype(arr.dtype))
+
+
+def _spec_key(specs):
+    """A hashable fingerprint of an in_specs/out_specs pytree."""
+    leaves, tree = jax.tree_util.tree_flatten(specs, is_leaf=_is_spec_leaf)
+    return tree, tuple(leaves)
+
+
+def _signature_diff(old_key, new_key, paths) -> str:
+    """Why a call traced again: the first input whose structure, shape or dtype changed."""
+    (old_tree, old_avals, old_static), (new_tree, new_avals, new_static) = old_key[-3:], new_key[-3:]
+    if old_tree != new_tree:
+        return f"the inputs' pytree structure changed: {old_tree} -> {new_tree}"
+    for path, a, b in zip(paths, old_avals, new_avals):
+        if a != b:
+            return f"{path} changed from {a[1]}{list(a[0])} to {b[1]}{list(b[0])}"
+    if old_static != new_static:
+        return f"static arguments changed: {old_static!r} -> {new_static!r}"
+    return "new mesh or annotations"
 
 
 def _mesh_context(mesh):
@@ -71,6 +103,8 @@ class Compiled:
     out_shardings: tuple
     avals: list
     trace_seconds: float
+    paths: list = field(default_factory=list)
+    key: tuple = ()
 
 
 class ParallelFunction:
@@ -88,6 +122,12 @@ class ParallelFunction:
                                       "annotate parameters and batch with in_specs instead")
         self._cache: dict = {}
         self.trace_count = 0
+        self.last_retrace_reason: str | None = None
+        self.last_call_copies = 0          # input leaves copied/placed by the latest call
+        self._last_key = None
+        # Constant parts of the cache key: the mesh and every annotation.
+        self._static_key = (mesh, _spec_key(in_specs), _spec_key(out_specs), self.static_argnums,
+                            self.donate_argnums)
         self.__wrapped__ = fun
         self.__name__ = getattr(fun, "__name__", "parallel_function")
 
@@ -118,11 +158,20 @@ class ParallelFunction:
         dyn, static = self._split_args(args)
         leaves, in_tree = jax.tree.flatten(dyn)
         avals = [_aval(x) for x in leaves]
-        key = (in_tree, tuple((a.shape, str(a.dtype)) for a in avals), static)
+        key = self._static_key + (in_tree, tuple((tuple(a.shape), str(a.dtype)) for a in avals), static)
         hit = self._cache.get(key)
         if hit is not None:
+            self._last_key = key
             return hit
+        if self._last_key is not None:
+            prev = self._cache.get(self._last_key)
+            self.last_retrace_reason = _signature_diff(self._last_key, key, prev.paths if prev else [])
         self.trace_count += 1
+        if self.trace_count > RETRACE_WARN_AT:
+            warnings.warn(RetraceWarning(
+                f"{self.__name__} traced {self.trace_count} programs; the latest because "
+                f"{self.last_retrace_reason}. Call it with fixed shapes and dtypes (pad batches), or mark "
+                f"arguments that change as static_argnums"), stacklevel=4)
         t0 = time.perf_counter()
         arg_specs = self._arg_specs(len(args), len(dyn))
         flat_specs, flat_paths = [], []
@@ -163,8 +212,10 @@ class ParallelFunction:
             donate = tuple(j for j, leaf_arg in enumerate(self._leaf_arg_index(args, in_tree))
                            if leaf_arg in self.donate_argnums)
             jitted, in_sh, out_sh = lower_to_jit(program, self.mesh, donate)
-        entry = Compiled(program, in_tree, out_tree, jitted, in_sh, out_sh, avals, trace_seconds)
+        entry = Compiled(program, in_tree, out_tree, jitted, in_sh, out_sh, avals, trace_seconds,
+                         flat_paths, key)
         self._cache[key] = entry
+        self._last_key = key
         return entry
 
     def _leaf_arg_index(self, args, in_tree):
@@ -185,10 +236,50 @@ class ParallelFunction:
         entry = self._compile(args)
         dyn, _ = self._split_args(args)
         leaves = jax.tree.leaves(dyn)
-        placed = [x if isinstance(x, jax.Array) and x.sharding == s else jax.device_put(x, s)
-                  for x, s in zip(leaves, entry.in_shardings)]
+        copies = 0
+        placed = []
+        for j, (x, s) in enumerate(zip(leaves, entry.in_shardings)):
+            y = self._place(x, s, entry, j)
+            copies += y is not x
+            placed.append(y)
+        self.last_call_copies = copies
         out = entry.jitted(*placed)
         return jax.tree.unflatten(entry.out_tree, list(out))
+
+    def _place(self, x, sharding, entry, j):
+        """``x`` in the layout ``sharding``; ``x`` itself when it is already there."""
+        path = entry.paths[j] if j < len(entry.paths) else f"input leaf {j}"
+        if isinstance(x, jax.Array):
+            if x.is_deleted():
+                raise ValueError(f"{self.__name__}: input {path} has been deleted (donated to an earlier call "
+                                 f"through donate_argnums?); pass the array the earlier call returned instead")
+            have = x.sharding
+            if have == sharding or have.is_equivalent_to(sharding, x.ndim):
+                return x
+            if self._foreign(have):
+                warnings.warn(ReshardWarning(
+                    f"{self.__name__}: input {path} {x.dtype}{list(x.shape)} lives on {_where(have)}, not on this "
+                    f"function's mesh {dict(self.mesh.shape)}; copying it to {sharding.spec} on every call. Place it "
+                    f"once with jax.device_put(x, pf.input_shardings(...)...) (or restore the checkpoint onto this "
+                    f"mesh)"), stacklevel=3)
+            if not sharding.is_fully_addressable and x.is_fully_addressable:
+                # A process-local array in a multi-process run: every process holds the whole value.
+                return _from_host(np.asarray(x), sharding)
+            return jax.device_put(x, sharding)
+        if sharding.is_fully_addressable:
+            return jax.device_put(x, sharding)
+        return _from_host(np.asarray(x, dtype=entry.avals[j].dtype), sharding)
+
+    def _foreign(self, sharding) -> bool:
+        """Does ``sharding`` place data on another mesh (or on devices outside this one)?"""
+        devices = sharding.device_set
+        if not devices <= self._mesh_devices:
+            return True
+        return len(devices) > 1 and isinstance(sharding, NamedSharding) and sharding.mesh != self.mesh
+
+    @property
+    def _mesh_devices(self):
+        return set(self.mesh.devices.flat)
 
     def report(self, *args):
         from ..compiler.report import ShardingReport
@@ -213,6 +304,17 @@ class ParallelFunction:
     def output_shardings(self, *args):
         entry = self._compile(args)
         return jax.tree.unflatten(entry.out_tree, list(entry.out_shardings))
+
+
+def _from_host(value, sharding):
+    """A global array from a host value every process holds whole (each fills its shards)."""
+    return jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])
+
+
+def _where(sharding) -> str:
+    if isinstance(sharding, NamedSharding):
+        return f"mesh {dict(sharding.mesh.shape)} (devices {sorted(d.id for d in sharding.device_set)})"
+    return f"devices {sorted(d.id for d in sharding.device_set)}"
 
 
 def parallelize(fun=None, *, mesh, in_specs=None, out_specs=None, static_argnums=(),

@@ -18,6 +18,7 @@
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -68,6 +69,12 @@ def project(dims, layout: Layout, sizes, axis_sizes) -> dict[int, tuple[str, ...
 def project_back(assignment: Assignment, dims, sizes, axis_sizes) -> tuple | None:
     """Layout dims of one tensor under ``assignment``; None when a minor factor is split
     while a more major factor of the same dim is not fully split (not expressible)."""
+    return _project_back(assignment, dims, sizes, tuple(axis_sizes.items()))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _project_back(assignment, dims, sizes, axis_size_items):
+    axis_sizes = dict(axis_size_items)
     out = []
     for fids in dims:
         axes: tuple = ()
@@ -246,7 +253,27 @@ class Choice:
     candidates: int = 1
 
 
+_CHOICES: dict = {}
+_CHOICES_LIMIT = 1 << 18
+
+
 def choose(rule, tensors, axis_sizes, links, reserved=(), passed_partial=()) -> Choice:
+    """:func:`choose_uncached`, memoized on everything it reads: repeated layers present the
+    same rule and layouts again and again, and propagation revisits equations."""
+    key = (rule.sizes, rule.kinds, rule.operands, rule.results, rule.accumulators,
+           tuple(d for _, d in rule.linked),
+           tuple((t.dims, t.shape, t.itemsize, t.layout, t.priority, t.is_result, t.accumulator,
+                  t.keep_partial) for t in tensors),
+           tuple(axis_sizes.items()), tuple(links.items()), frozenset(reserved), tuple(passed_partial))
+    hit = _CHOICES.get(key)
+    if hit is None:
+        if len(_CHOICES) >= _CHOICES_LIMIT:
+            _CHOICES.clear()
+        hit = _CHOICES[key] = choose_uncached(rule, tensors, axis_sizes, links, reserved, passed_partial)
+    return hit
+
+
+def choose_uncached(rule, tensors, axis_sizes, links, reserved=(), passed_partial=()) -> Choice:
     """The assignment for one equation.
 
     Where the known tensors agree, their merge is taken as is (as Shardy's propagation

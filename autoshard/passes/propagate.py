@@ -38,6 +38,10 @@ def eqn_tensors(program, eqn, layout_of, with_linked=False):
     return tensors
 
 
+def _values(program, eqn):
+    return (*eqn.invars, *eqn.outvars, *(v for v, _ in program.rules[eqn.index].linked))
+
+
 def run(program):
     graph, mesh = program.graph, program.mesh
     sizes, links = program.axis_sizes, {a: mesh.link(a) for a in mesh.axis_names}
@@ -74,12 +78,32 @@ def run(program):
                 changed = True
         return changed
 
+    # An equation is revisited only when a value it touches changed since its last step:
+    # otherwise the step would choose the same again. Same sweeps, far fewer steps.
+    touching: dict = {}
+    for eqn in eqns:
+        for v in _values(program, eqn):
+            touching.setdefault(v, []).append(eqn)
+    dirty = {eqn.index for eqn in eqns}
+
+    def visit(eqn) -> bool:
+        if eqn.index not in dirty:
+            return False
+        dirty.discard(eqn.index)
+        before = {v: layouts.get(v) for v in _values(program, eqn)}
+        if not step(eqn):
+            return False
+        for v, old in before.items():
+            if layouts.get(v) != old:
+                dirty.update(e.index for e in touching.get(v, ()) if e is not eqn)
+        return True
+
     for _ in range(MAX_SWEEPS):
         changed = False
         for eqn in eqns:
-            changed |= step(eqn)
+            changed |= visit(eqn)
         for eqn in reversed(eqns):
-            changed |= step(eqn)
+            changed |= visit(eqn)
         if not changed:
             break
     for v in graph.values:

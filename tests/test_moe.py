@@ -22,7 +22,7 @@ LR = 1e-3
 # capacity_factor 1.0 (capacity 4 of 16 tokens x 2 choices / 8 experts): some tokens overflow
 # their expert, so the drop path is exercised (checked below). 8 heads so that tp over 8
 # devices splits whole heads.
-CFG = MOE.Config(capacity_factor=1.0, n_heads=8)
+CFG = MOE.Config(capacity_factor=1.0, n_heads=8, n_layers=1)
 BATCH = 8
 
 CASES = [

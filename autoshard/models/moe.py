@@ -354,7 +354,7 @@ def param_specs(params: dict, strategy: str, mesh_axis_names: tuple[str, ...],
     >>> _, params = init(MoEConfig())
     >>> specs = param_specs(params, "ep", ("data", "expert"), {"data": 2, "expert": 4})
     >>> specs["blocks"]["0"]["moe"]["up"]["kernel"], specs["blocks"]["0"]["attn"]["q"]["kernel"]
-    (PartitionSpec('expert', None, None), PartitionSpec())
+    (P('expert', None, None), P())
     """
     _check(strategy, mesh_axis_names)
     if strategy == "dp":
@@ -375,7 +375,7 @@ def batch_specs(batch: dict, strategy: str, mesh_axis_names: tuple[str, ...]) ->
     ``'data'``), or replicated (tp).
 
     >>> batch_specs({"tokens": np.zeros((8, 16))}, "ep", ("data", "expert"))
-    {'tokens': PartitionSpec(('data', 'expert'), None)}
+    {'tokens': P(('data', 'expert'), None)}
     """
     _check(strategy, mesh_axis_names)
     if strategy == "tp":

@@ -27,9 +27,10 @@ layers:
 * ``fsdp``:   ``2 (n_d-1)/n_d (N + s)``: all-gather every parameter once ((n_d-1)/n_d N,
   kept for the backward pass inside one step) and reduce-scatter its gradient
   ((n_d-1)/n_d N); parameters with no divisible dim are all-reduced (the same 2 (n_d-1)/n_d);
-* ``tp``:     ``2 (n_m-1)/n_m k L A``: Megatron all-reduces ``k`` activations per layer, forward
-  and backward (GPT: k = 4, after attention and after the MLP, and their input gradients;
-  MLP: k = 2); replicated parameters see whole activations, so their gradients need nothing;
+* ``tp``:     ``2 (n_m-1)/n_m R A``: Megatron all-reduces ``R`` activations (the batch is not
+  split, ``n_d`` is idle): GPT ``R = 4 L``, after attention and after the MLP and their input
+  gradients; the MLP ``R = 2 L - 1``, as the first block's input gradient is not needed.
+  Replicated parameters see whole activations, so their gradients need nothing;
 * ``dp_tp``:  the tp term over ``model`` plus ``2 (n_d-1)/n_d (N_rep + N_split/n_m + s)`` over
   ``data``: gradients of replicated and of model-split parameters, and the loss;
 * ``sp``:     as dp_tp, plus ``2 (n_m-1)/n_m N_seq`` for the gradients of the replicated
@@ -37,6 +38,9 @@ layers:
   the loss reduced over both axes; the tp term is the same bytes moved as all-gathers and
   reduce-scatters instead of all-reduces.
 
+These are the bytes of the strategy as written (ZeRO-3 for fsdp). autoshard may go below them
+where moving activations is cheaper than moving weights (the MLP under fsdp all-to-alls its
+small activations instead of gathering its kernels); it must never go above them for GPT.
 Models other than GPT and the MLP (MoE, CNN) get the dp / fsdp minimum only; their other rows
 print ``-``. Collectives inside loops are counted once per instruction, so the benchmark uses
 unrolled layers.
@@ -105,6 +109,8 @@ class Row:
     pass_s: float
     analytic_bytes: float | None
     state_bytes: int              # parameters + optimizer state, whole (not per device)
+    replicated_state_bytes: int   # of which leaves that stay whole on every device
+    batch_bytes: int
     note: str = ""
 
     @property
@@ -133,11 +139,13 @@ def analytic_min_bytes(model: str, cfg: Any, batch: int, strategy: str, mesh: di
     if model not in ("gpt", "mlp") or strategy not in ("tp", "dp_tp", "sp"):
         return None
     itemsize = np.dtype(cfg.dtype).itemsize
+    rows = batch // n_d if strategy in ("dp_tp", "sp") else batch   # tp: 'data' is idle
     if model == "gpt":
-        per_layer, activation = 4, (batch // n_d) * cfg.seq_len * cfg.d_model * itemsize
+        reductions, activation = 4 * cfg.n_layers, rows * cfg.seq_len * cfg.d_model * itemsize
     else:
-        per_layer, activation = 2, (batch // n_d) * cfg.d_model * itemsize
-    model_term = _ring_all_reduce(n_m, per_layer * cfg.n_layers * activation)
+        # The first block's input is the batch: its gradient is not needed.
+        reductions, activation = 2 * cfg.n_layers - 1, rows * cfg.d_model * itemsize
+    model_term = _ring_all_reduce(n_m, reductions * activation)
     if strategy == "tp":
         return model_term
     flat_params = jax.tree.leaves(params)
@@ -156,7 +164,7 @@ def analytic_min_bytes(model: str, cfg: Any, batch: int, strategy: str, mesh: di
 
 # ----------------------------------------------------------------------------- measuring
 
-def _compiled_numbers(compiled, mesh, compile_s: float, run) -> Measured:
+def _compiled_numbers(compiled, mesh, compile_s: float, run, repeats: int) -> Measured:
     from .runtime.hlo import parse_collectives
     hlo = parse_collectives(compiled.as_text(), mesh, strict=False)
     mem = compiled.memory_analysis()
@@ -169,10 +177,12 @@ def _compiled_numbers(compiled, mesh, compile_s: float, run) -> Measured:
                     memory_bytes=int(memory), argument_bytes=int(mem.argument_size_in_bytes),
                     temp_bytes=int(mem.temp_size_in_bytes),
                     flops=float(cost.get("flops", float("nan"))), compile_s=compile_s,
-                    step_s=_median_step_seconds(run))
+                    step_s=_median_step_seconds(run, repeats))
 
 
 def _median_step_seconds(run, repeats: int = 5) -> float:
+    if repeats <= 0:
+        return float("nan")
     jax.block_until_ready(run())            # warm-up
     times = []
     for _ in range(repeats):
@@ -183,8 +193,9 @@ def _median_step_seconds(run, repeats: int = 5) -> float:
 
 
 def measure(model: str, mesh_shape: dict, strategy: str, *, config: dict | None = None,
-            batch_size: int | None = None) -> Row:
-    """Compile one (model, mesh, strategy) under autoshard and under ``jax.jit``; measure both."""
+            batch_size: int | None = None, repeats: int = 5) -> Row:
+    """Compile one (model, mesh, strategy) under autoshard and under ``jax.jit``; measure both
+    (``repeats=0`` skips the step timing)."""
     from . import make_mesh, parallelize
     from .models import get_model, presets
 
@@ -215,7 +226,7 @@ def measure(model: str, mesh_shape: dict, strategy: str, *, config: dict | None 
     shardings = tuple(pf.input_shardings(*args))
     placed = jax.device_put(args, shardings)
     flat = jax.tree.leaves(placed)
-    ours = _compiled_numbers(compiled, mesh, ours_compile_s, lambda: compiled(*flat))
+    ours = _compiled_numbers(compiled, mesh, ours_compile_s, lambda: compiled(*flat), repeats)
 
     # XLA's propagation from the same annotations (optimizer state: see the module docstring).
     named = lambda specs: jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
@@ -230,14 +241,19 @@ def measure(model: str, mesh_shape: dict, strategy: str, *, config: dict | None 
         jit_compiled = jit_lowered.compile()
         jit_compile_s = time.perf_counter() - t0
     jit_placed = jax.device_put(args, in_shardings)
-    baseline = _compiled_numbers(jit_compiled, mesh, jit_compile_s, lambda: jit_compiled(*jit_placed))
+    baseline = _compiled_numbers(jit_compiled, mesh, jit_compile_s, lambda: jit_compiled(*jit_placed), repeats)
     del jit_lower_s
 
     return Row(model=model, mesh=dict(mesh_shape), strategy=strategy, ours=ours, jit=baseline,
                pass_s=pass_s,
                analytic_bytes=analytic_min_bytes(model, cfg, batch_size, strategy, dict(mesh.shape),
                                                  params, pspecs),
-               state_bytes=_nbytes(params) + _nbytes(opt_state))
+               state_bytes=_nbytes(params) + _nbytes(opt_state),
+               replicated_state_bytes=sum(
+                   _nbytes(x) for x, sh in zip(jax.tree.leaves((params, opt_state)),
+                                               jax.tree.leaves(shardings[:2]))
+                   if sh.is_fully_replicated),
+               batch_bytes=_nbytes(batch))
 
 
 def rows_to_measure(models=None, meshes=MESHES, strategies=None):
@@ -329,3 +345,241 @@ def machine_line() -> str:
     return (f"{platform.node() or 'host'}: {platform.processor() or platform.machine()}, "
             f"{__import__('os').cpu_count()} cores, Python {platform.python_version()}, "
             f"jax {jax.__version__}, {len(devices)} {devices[0].platform} devices")
+
+
+# ----------------------------------------------------------------------------- scaling
+
+@dataclasses.dataclass
+class ScalingPoint:
+    layers: int
+    equations: int
+    front_end_s: float      # trace + passes + lowering to StableHLO
+    passes_s: float         # import_annotations .. verify (autoshard's own passes)
+    trace_s: float
+    compile_s: float | None = None   # XLA compile of the same program (12 layers only)
+
+
+def scaling_point(layers: int, mesh_shape: dict, strategy: str = "dp_tp",
+                  compile_too: bool = False) -> ScalingPoint:
+    """Pass time of the GPT step with ``layers`` unrolled layers (fresh caches each time)."""
+    from . import make_mesh, parallelize
+    from .compiler import factors
+    from .models import get_model, presets
+    factors._CHOICES.clear()
+    factors._project_back.cache_clear()
+    n = math.prod(mesh_shape.values())
+    mesh = make_mesh(mesh_shape, devices=jax.devices()[:n])
+    axes = tuple(mesh.axis_names)
+    m = get_model("gpt")
+    cfg = m.Config(**{**BENCH_CONFIGS["gpt"], "n_layers": layers})
+    model_def, params = m.init(cfg, seed=0)
+    optimizer = m.default_optimizer()
+    opt_state = optimizer.init(params)
+    batch = m.make_batch(cfg, BENCH_BATCH["gpt"], seed=0)
+    pf = parallelize(m.make_train_step(model_def, optimizer), mesh=mesh,
+                     in_specs=(presets.param_specs("gpt", params, strategy, axes, dict(mesh.shape)),
+                               None, presets.batch_specs("gpt", batch, strategy, axes)))
+    t0 = time.perf_counter()
+    lowered = pf.lower(params, opt_state, batch)
+    front_end = time.perf_counter() - t0
+    program = pf.program(params, opt_state, batch)
+    passes = sum(v for k, v in program.pass_seconds.items() if k != "trace")
+    compile_s = None
+    if compile_too:
+        t0 = time.perf_counter()
+        lowered.compile()
+        compile_s = time.perf_counter() - t0
+    return ScalingPoint(layers, sum(1 for _ in program.graph.all_eqns()), front_end, passes,
+                        program.pass_seconds.get("trace", float("nan")), compile_s)
+
+
+def linear_fit(xs, ys) -> tuple[float, float, float]:
+    """Least-squares ``y = a + b x``: returns ``(a, b, r2)``."""
+    x, y = np.asarray(xs, float), np.asarray(ys, float)
+    b, a = np.polyfit(x, y, 1)
+    pred = a + b * x
+    ss_res, ss_tot = float(((y - pred) ** 2).sum()), float(((y - y.mean()) ** 2).sum())
+    return float(a), float(b), 1.0 - ss_res / ss_tot if ss_tot else 1.0
+
+
+# ----------------------------------------------------------------------------- checks
+
+@dataclasses.dataclass
+class Check:
+    name: str
+    passed: bool
+    detail: str
+
+
+def checks(rows: list[Row], scaling: list[ScalingPoint], reference: ScalingPoint | None) -> list[Check]:
+    """The issue's must-show list, evaluated on this run's numbers."""
+    out = []
+    worse = [r for r in rows if r.ours.wire_bytes > r.jit.wire_bytes * (1 + 1e-9)]
+    out.append(Check(
+        "autoshard wire bytes <= jax.jit's for every row", not any(not r.note for r in worse),
+        "all rows" if not worse else "larger: " + "; ".join(
+            f"{r.model} {r.mesh_text} {r.strategy} ({_ratio(r.ours.wire_bytes, r.jit.wire_bytes)}x): "
+            f"{r.note or 'NO EXPLANATION'}" for r in worse)))
+    near = [r for r in rows if r.model == "gpt" and r.strategy in ("dp", "fsdp", "tp")]
+    off = [r for r in near if r.analytic_bytes is None
+           or abs(r.ours.wire_bytes - r.analytic_bytes) > 0.01 * r.analytic_bytes]
+    out.append(Check(
+        "GPT dp, fsdp, tp: wire bytes within 1% of the analytic minimum", bool(near) and not off,
+        ", ".join(f"{r.strategy} on {r.mesh_text}: {_ratio(r.ours.wire_bytes, r.analytic_bytes or 0)}"
+                  for r in near)))
+    for r in rows:
+        if r.strategy != "fsdp":
+            continue
+        n = r.mesh.get("data", 1)          # fsdp shards over 'data' only
+        # Arguments are this device's parameters, optimizer state and batch; outputs the
+        # updated state (no donation here); temporaries the gathered parameters, gradients and
+        # activations. Leaves no mesh axis divides (biases of odd size, Adam's step count)
+        # stay whole on every device.
+        split = r.state_bytes - r.replicated_state_bytes
+        bound = split / n + r.replicated_state_bytes + r.batch_bytes / n
+        out.append(Check(
+            f"fsdp memory, {r.model} on {r.mesh_text}: per-device state <= 1/{n} of parameters "
+            f"+ optimizer state", r.ours.argument_bytes <= bound * 1.001,
+            f"arguments {r.ours.argument_bytes:,} B vs 1/{n} of the split state {split / n:,.0f} B + "
+            f"whole leaves {r.replicated_state_bytes:,} B + batch share {r.batch_bytes / n:,.0f} B "
+            f"= {bound:,.0f} B (whole state {r.state_bytes:,} B); temporaries (activations, "
+            f"gathered parameters, gradients) {r.ours.temp_bytes:,} B; total {r.ours.memory_bytes:,} B"))
+    if reference is not None and reference.compile_s:
+        out.append(Check(
+            f"{reference.layers}-layer GPT: autoshard's passes <= 25% of XLA compile time",
+            reference.passes_s <= 0.25 * reference.compile_s,
+            f"passes {reference.passes_s:.2f} s = {reference.passes_s / reference.compile_s:.0%} of "
+            f"XLA's {reference.compile_s:.2f} s; with JAX's trace and lowering to StableHLO the "
+            f"front end is {reference.front_end_s:.2f} s = {reference.front_end_s / reference.compile_s:.0%}"))
+    if len(scaling) >= 3:
+        a, b, r2 = linear_fit([p.equations for p in scaling], [p.passes_s for p in scaling])
+        per_eqn = [p.passes_s / p.equations for p in scaling]
+        out.append(Check(
+            "pass time linear in jaxpr size (R^2 >= 0.95)", r2 >= 0.95,
+            f"slope {b * 1e6:.1f} us per equation, intercept {a:.2f} s, R^2 {r2:.3f}; "
+            f"time per equation from {per_eqn[0] * 1e6:.1f} to {per_eqn[-1] * 1e6:.1f} us"))
+    return out
+
+
+
+# ----------------------------------------------------------------------------- one device
+
+#: Peak dense f32/bf16 flops per second, for MFU; only devices listed here get an MFU.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def single_device_row(layers: int = 12) -> dict:
+    """The GPT step on one device: autoshard on a 1-device mesh against plain ``jax.jit``
+    (step time, and MFU where the device's peak is known)."""
+    from . import make_mesh, parallelize
+    from .models import get_model
+    m = get_model("gpt")
+    cfg = m.Config(**{**BENCH_CONFIGS["gpt"], "n_layers": layers})
+    model_def, params = m.init(cfg, seed=0)
+    optimizer = m.default_optimizer()
+    args = (params, optimizer.init(params), m.make_batch(cfg, BENCH_BATCH["gpt"], seed=0))
+    step = m.make_train_step(model_def, optimizer)
+    device = jax.devices()[0]
+    pf = parallelize(step, mesh=make_mesh({"data": 1}, devices=[device]))
+    ours = pf.lower(*args).compile()
+    flat = jax.tree.leaves(jax.device_put(args, tuple(pf.input_shardings(*args))))
+    jit = jax.jit(step).lower(*args).compile()
+    placed = jax.device_put(args, device)
+    flops = float((jit.cost_analysis()[0] if isinstance(jit.cost_analysis(), (list, tuple))
+                   else jit.cost_analysis()).get("flops", float("nan")))
+    ours_s = _median_step_seconds(lambda: ours(*flat), repeats=20)
+    jit_s = _median_step_seconds(lambda: jit(*placed), repeats=20)
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in device.device_kind), None)
+    mfu = (lambda s: f"{flops / s / peak:.1%}") if peak else (lambda s: "-")
+    return {"device": device.device_kind, "layers": layers, "flops": flops,
+            "ours_ms": ours_s * 1e3, "jit_ms": jit_s * 1e3, "ours_mfu": mfu(ours_s),
+            "jit_mfu": mfu(jit_s)}
+
+
+# ----------------------------------------------------------------------------- the run
+
+#: Why a row moves more bytes than jax.jit, keyed (model, strategy); filled from the run's
+#: own numbers and the report, never guessed. Rows without a note fail the check.
+NOTES: dict = {}
+
+SCALING_LAYERS = (2, 4, 8, 16, 32, 64)
+
+
+def run(models=None, meshes=MESHES, strategies=None, scaling_layers=SCALING_LAYERS,
+        reference_layers: int = 12, progress=print) -> dict:
+    """Measure everything; returns ``{"rows", "scaling", "reference", "single", "checks"}``."""
+    rows = []
+    for model, shape, strategy in rows_to_measure(models, meshes, strategies):
+        progress(f"  {model} {shape} {strategy} ...")
+        row = measure(model, shape, strategy)
+        row.note = NOTES.get((model, strategy), "")
+        rows.append(row)
+    scaling = []
+    for layers in scaling_layers:
+        progress(f"  scaling: gpt with {layers} layers ...")
+        scaling.append(scaling_point(layers, {"data": 2, "model": 4}))
+    reference = None
+    if reference_layers:
+        progress(f"  {reference_layers}-layer gpt: passes against XLA compile ...")
+        reference = scaling_point(reference_layers, {"data": 2, "model": 4}, compile_too=True)
+    single = None
+    if jax.devices()[0].platform == "gpu":
+        progress("  one GPU: step time against jax.jit ...")
+        single = single_device_row(reference_layers or 12)
+    return {"rows": rows, "scaling": scaling, "reference": reference, "single": single,
+            "checks": checks(rows, scaling, reference)}
+
+
+def results_markdown(result: dict, command: str) -> str:
+    rows, scaling, reference = result["rows"], result["scaling"], result["reference"]
+    parts = [
+        "# autoshard benchmark results",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Machine: {machine_line()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+        "",
+        "Per device and per training step (adamw). `wire`: bytes each device sends, from the "
+        "collectives of the compiled HLO; `min`: the strategy's analytic minimum (formulas in "
+        "`autoshard/benchmark.py`); `jit`: `jax.jit` with the same annotations as "
+        "`NamedSharding`s (XLA's propagation); `mem`: `memory_analysis()` arguments + outputs + "
+        "temporaries; pass s: autoshard trace + passes + lowering; compile s: XLA. Step times "
+        "are medians on simulated CPU devices sharing two cores: noise, not a claim.",
+        "",
+        markdown_table(rows),
+        "",
+        "## Checks",
+        "",
+    ]
+    for c in result["checks"]:
+        parts.append(f"- **{'PASS' if c.passed else 'FAIL'}** {c.name}: {c.detail}")
+    if scaling:
+        a, b, r2 = linear_fit([p.equations for p in scaling], [p.passes_s for p in scaling])
+        parts += ["", "## Pass time against program size", "",
+                  "GPT train step, unrolled layers, mesh data=2,model=4, dp_tp. `passes`: "
+                  "import_annotations through verify; `front end`: JAX's trace + passes + "
+                  "lowering to StableHLO.", "",
+                  "| layers | equations | passes s | us / equation | trace s | front end s |",
+                  "|---|---|---|---|---|---|"]
+        for p in scaling:
+            parts.append(f"| {p.layers} | {p.equations:,} | {p.passes_s:.2f} "
+                         f"| {p.passes_s / p.equations * 1e6:.1f} | {p.trace_s:.2f} | {p.front_end_s:.2f} |")
+        parts += ["", f"Least squares: passes = {a:.3f} s + {b * 1e6:.1f} us x equations "
+                  f"(R^2 = {r2:.3f})."]
+    if reference is not None:
+        parts += ["", f"{reference.layers}-layer GPT ({reference.equations:,} equations): passes "
+                  f"{reference.passes_s:.2f} s, front end {reference.front_end_s:.2f} s, XLA compile "
+                  f"{reference.compile_s:.2f} s."]
+    parts += ["", "## GPU", ""]
+    single = result.get("single")
+    if single is None:
+        parts.append("No GPU in this run. On a machine with one, `autoshard bench` adds the "
+                     "12-layer GPT step on one GPU: autoshard on a 1-device mesh against "
+                     "`jax.jit`, step time and MFU.")
+    else:
+        parts += ["| device | layers | GFLOP / step | autoshard ms | jit ms | autoshard MFU | jit MFU |",
+                  "|---|---|---|---|---|---|---|",
+                  f"| {single['device']} | {single['layers']} | {single['flops'] / 1e9:.2f} "
+                  f"| {single['ours_ms']:.2f} | {single['jit_ms']:.2f} | {single['ours_mfu']} "
+                  f"| {single['jit_mfu']} |"]
+    return "\n".join(parts) + "\n"

@@ -318,14 +318,46 @@ def report(args) -> int:
     return 0
 
 
+def _bench_parser(sub):
+    b = sub.add_parser("bench", help="autoshard against jax.jit and the analytic minimum; writes "
+                                     "benchmarks/RESULTS.md and results.csv")
+    b.add_argument("--out", default="benchmarks", help="folder for RESULTS.md and results.csv")
+    b.add_argument("--models", nargs="*", help="subset of gpt mlp moe cnn (default: all)")
+    b.add_argument("--strategies", nargs="*", help="subset of strategies (default: every one a model has)")
+    b.add_argument("--meshes", nargs="*", default=["8", "2x4"], choices=("8", "2x4"))
+    b.add_argument("--scaling-layers", type=int, nargs="*", default=[2, 4, 8, 16, 32, 64],
+                   help="GPT depths for the pass-time scaling study (none: skip it)")
+    b.add_argument("--reference-layers", type=int, default=12,
+                   help="GPT depth for passes against XLA compile time (0: skip)")
+
+
+def bench(args) -> int:
+    """Run the benchmark suite; write the markdown and CSV; exit 1 if a check fails."""
+    from . import benchmark
+    command = "autoshard bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "autoshard bench"
+    result = benchmark.run(models=args.models, meshes=tuple(args.meshes), strategies=args.strategies,
+                           scaling_layers=tuple(args.scaling_layers),
+                           reference_layers=args.reference_layers,
+                           progress=lambda line: print(line, flush=True))
+    os.makedirs(args.out, exist_ok=True)
+    markdown = benchmark.results_markdown(result, command.strip())
+    with open(os.path.join(args.out, "RESULTS.md"), "w") as f:
+        f.write(markdown)
+    with open(os.path.join(args.out, "results.csv"), "w") as f:
+        f.write(benchmark.write_csv(result["rows"]))
+    print(markdown)
+    return 0 if all(c.passed for c in result["checks"]) else 1
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="autoshard", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p):
-        p.add_argument("--model", default="gpt", choices=("gpt", "mlp"))
+        # Literal lists: importing autoshard.models would start JAX before XLA_FLAGS is set.
+        p.add_argument("--model", default="gpt", choices=("gpt", "mlp", "moe", "cnn"))
         p.add_argument("--mesh", default="data=2,model=4", help="mesh shape, e.g. data=2,model=4")
-        p.add_argument("--strategy", default="dp_tp", choices=("dp", "fsdp", "tp", "dp_tp"))
+        p.add_argument("--strategy", default="dp_tp", choices=("dp", "fsdp", "tp", "dp_tp", "sp", "ep"))
         p.add_argument("--batch", type=int, default=8)
 
     d = sub.add_parser("demo", help="train a small model on simulated devices and check it against one device")
@@ -354,6 +386,7 @@ def main(argv=None) -> int:
     r.add_argument("--html")
     r.add_argument("--full", action="store_true", help="print every equation and collective")
     _launch_parser(sub)
+    _bench_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "launch":
         try:
@@ -364,8 +397,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from .errors import ShardingError
     try:
-        _ensure_cpu_devices(max(8, _mesh_size(args.mesh)))
-        return {"demo": demo, "report": report}[args.command](args)
+        _ensure_cpu_devices(max(8, _mesh_size(getattr(args, "mesh", "data=8"))))
+        return {"demo": demo, "report": report, "bench": bench}[args.command](args)
     except (ShardingError, UsageError) as e:
         print(f"autoshard: {type(e).__name__}: {e}", file=sys.stderr)
         return 2

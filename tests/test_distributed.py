@@ -43,7 +43,7 @@ def train_losses(steps: int = STEPS, strategy: str = "dp_tp", mesh_shape: str = 
     ref_step = jax.jit(step)
     # A copy: params/opt_state are donated to pstep (on one process the placed params can share
     # device 0's buffer with the originals).
-    ref = jax.device_put(jax.tree.map(np.asarray, (params, opt_state)), jax.local_devices()[0])
+    ref = jax.device_put(jax.tree.map(lambda x: np.array(x, copy=True), (params, opt_state)), jax.local_devices()[0])
     batch_sh = pstep.input_shardings(params, opt_state, batch)[2]
     losses, ref_losses = [], []
     for i in range(steps):

@@ -298,8 +298,10 @@ class ParallelFunction:
         return self._compile(args).program
 
     def input_shardings(self, *args):
+        """One entry per non-static positional argument (a tuple, so
+        ``jax.device_put(args, pf.input_shardings(*args))`` places them all)."""
         entry = self._compile(args)
-        return jax.tree.unflatten(entry.in_tree, list(entry.in_shardings))
+        return tuple(jax.tree.unflatten(entry.in_tree, list(entry.in_shardings)))
 
     def output_shardings(self, *args):
         entry = self._compile(args)

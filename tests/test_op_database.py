@@ -326,6 +326,8 @@ add("cummax", "cummax", lambda x: (lax.cummax(x, 1), lax.cummax(x, 0, reverse=Tr
 add("cummin", "cummin", lambda x: lax.cummin(x, 0), A((8, 16)), grad=True)
 add("cumlogsumexp", "cumlogsumexp", lambda x: lax.cumlogsumexp(x, 1), A((8, 16)), grad=True)
 add("sort", "sort", lambda x: (jnp.sort(x, 1), jnp.sort(x, 0)), A((8, 16)), grad=True)
+add("top_k", "top_k", lambda x: (lax.top_k(x, 3), lax.top_k(x, 2, axis=0)), A((8, 16)), grad=True)
+add("approx_top_k", "approx_max_k", lambda x: (lax.approx_max_k(x, 3), lax.approx_min_k(x, 2)), A((8, 16)))
 add("sort", "argsort_kv", lambda x, k, v: (jnp.argsort(x, axis=0), lax.sort((k, v), dimension=1, num_keys=1)),
     A((8, 16)), A((8, 16)), A((8, 16), "i"))
 

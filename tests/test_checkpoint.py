@@ -141,6 +141,28 @@ def worker_crash(directory, where):
     time.sleep(600)
 
 
+def worker_multiprocess_save(directory):
+    """One of two processes (under ``autoshard launch``): each writes only its own shards."""
+    from autoshard.runtime import distributed
+    assert distributed.initialize()
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    import autoshard as ash
+    from autoshard.runtime.checkpoint import Checkpointer
+    mesh = ash.make_mesh("data=2,model=4")
+    rng = np.random.default_rng(0)
+    full = {"w": rng.standard_normal((64, 32)).astype(np.float32),
+            "b": rng.standard_normal((32,)).astype(np.float32)}
+    specs = {"w": P("data", "model"), "b": P("model")}
+    state = {k: distributed.global_array(distributed.local_slice(v, NamedSharding(mesh, specs[k])),
+                                         NamedSharding(mesh, specs[k]), v.shape) for k, v in full.items()}
+    Checkpointer(directory).save(1, state)
+    if jax.process_index() == 0:
+        np.savez(os.path.join(directory, "..", "mp.npz"), **full)
+    return {"process": jax.process_index(), "local_devices": jax.local_device_count()}
+
+
 # ------------------------------------------------------------------------ test side
 
 def _run_worker(args, devices, timeout=300):
@@ -268,10 +290,40 @@ def test_killed_save_leaves_previous_checkpoint_restorable(tmp_path, where):
     ckpt.close()
 
 
+def test_checkpoint_saved_by_two_processes_restores_in_one(tmp_path):
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    import autoshard as ash
+    from autoshard.runtime.checkpoint import Checkpointer
+    directory = str(tmp_path / "run")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    run = subprocess.run([sys.executable, "-m", "autoshard.cli", "launch", "--processes", "2",
+                          "--devices-per-process", "4", "--timeout", "200", "--",
+                          sys.executable, os.path.abspath(__file__), "mpsave", directory],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=260)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]
+    assert sum("RESULT " in ln for ln in run.stdout.splitlines()) == 2
+    assert {f"ocdbt.process_{i}" for i in range(2)} <= set(os.listdir(os.path.join(directory, "1", "state")))
+    want = np.load(str(tmp_path / "mp.npz"))
+    ckpt = Checkpointer(directory)
+    meta = ckpt.layouts()
+    assert meta["process_count"] == 2 and meta["leaves"]["['w']"]["sbp"] == "[S(0), S(1)]"
+    target = {k: jax.ShapeDtypeStruct(want[k].shape, want[k].dtype) for k in want.files}
+    eight = ckpt.restore(target=target, shardings=NamedSharding(ash.make_mesh("data=8"), P("data")))
+    one = ckpt.restore(target=target)
+    for k in want.files:
+        assert eight[k].sharding.spec == P("data") and len(one[k].sharding.device_set) == 1
+        np.testing.assert_array_equal(np.asarray(eight[k]), want[k])
+        np.testing.assert_array_equal(np.asarray(one[k]), want[k])
+
+
 if __name__ == "__main__":
     sys.path.insert(0, ROOT)
     mode, directory, *rest = sys.argv[1:]
-    if mode == "save":
+    if mode == "mpsave":
+        out = worker_multiprocess_save(directory)
+    elif mode == "save":
         out = worker_save(directory)
     elif mode == "restore":
         out = worker_restore(directory, rest[0])

@@ -66,7 +66,7 @@ def layout_metadata(state) -> dict:
     first_mesh = None
     for path, x in jax.tree_util.tree_flatten_with_path(state)[0]:
         shape = tuple(np.shape(x))
-        dtype = str(getattr(x, "dtype", np.asarray(x).dtype))
+        dtype = str(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype)
         entry = {"shape": list(shape), "dtype": dtype, "spec": None, "sbp": None, "mesh": None}
         sharding = getattr(x, "sharding", None)
         if isinstance(sharding, NamedSharding):

@@ -201,9 +201,12 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def _resolve_command(cmd: list[str]) -> list[str]:
-    """``autoshard ...`` runs this interpreter's autoshard (the venv's script may not be on PATH)."""
+    """``autoshard ...`` and ``python ...`` run with this interpreter (the virtual environment's
+    scripts may not be on PATH)."""
     if cmd and cmd[0] == "autoshard":
         return [sys.executable, "-m", "autoshard.cli", *cmd[1:]]
+    if cmd and cmd[0] in ("python", "python3"):
+        return [sys.executable, *cmd[1:]]
     return list(cmd)
 
 

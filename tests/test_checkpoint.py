@@ -312,10 +312,15 @@ def test_checkpoint_saved_by_two_processes_restores_in_one(tmp_path):
     target = {k: jax.ShapeDtypeStruct(want[k].shape, want[k].dtype) for k in want.files}
     eight = ckpt.restore(target=target, shardings=NamedSharding(ash.make_mesh("data=8"), P("data")))
     one = ckpt.restore(target=target)
+    # The saved specs on a (2, 4) mesh of this one process.
+    same = ckpt.restore(target=target, mesh=ash.make_mesh("data=2,model=4"))
     for k in want.files:
         assert eight[k].sharding.spec == P("data") and len(one[k].sharding.device_set) == 1
-        np.testing.assert_array_equal(np.asarray(eight[k]), want[k])
-        np.testing.assert_array_equal(np.asarray(one[k]), want[k])
+        assert same[k].sharding.spec == {"w": P("data", "model"), "b": P("model")}[k]
+        for restored in (eight, one, same):
+            np.testing.assert_array_equal(np.asarray(restored[k]), want[k])
+    with pytest.raises(ValueError, match=r"names mesh axes \['model'\] that the mesh \{'data': 8\} lacks"):
+        ckpt.restore(target=target, mesh=ash.make_mesh("data=8"))
 
 
 if __name__ == "__main__":

@@ -77,10 +77,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     True
     """
     import jax
-    from jax._src import distributed as jax_distributed
     from jax._src import xla_bridge
 
-    if jax_distributed.global_state.client is not None:
+    if jax.distributed.is_initialized():
         return True
     coordinator_address = coordinator_address or os.environ.get(ENV_COORDINATOR) \
         or os.environ.get(_JAX_ENV["coordinator"])
@@ -121,8 +120,7 @@ def is_main_process() -> bool:
 def shutdown() -> None:
     """Leave the multi-process run (JAX also does this at exit)."""
     import jax
-    from jax._src import distributed as jax_distributed
-    if jax_distributed.global_state.client is not None:
+    if jax.distributed.is_initialized():
         jax.distributed.shutdown()
 
 
@@ -282,6 +280,8 @@ def launch_local(cmd: list[str], *, processes: int, devices_per_process: int, ti
                 status = 124
                 break
             time.sleep(0.05)
+    except KeyboardInterrupt:
+        status = 130
     finally:
         for p in procs:
             if p.poll() is None:

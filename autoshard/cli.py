@@ -163,7 +163,7 @@ def _setup(args):
     from .models import get_model, presets
     mesh = make_mesh(args.mesh, devices=jax.devices()[:_mesh_size(args.mesh)])
     model = get_model(args.model)
-    cfg = model.Config()
+    cfg = presets.configure(args.model, model.Config(), args.strategy, tuple(mesh.axis_names))
     model_def, params = model.init(cfg, seed=0)
     optimizer = model.default_optimizer()
     step = model.make_train_step(model_def, optimizer)

@@ -90,6 +90,7 @@ class _Placer:
         self.actual: dict = {}
         self.producer: dict = {}
         self.planned: set = set()
+        self.reached: dict = {}          # value -> layouts its planned reshards pass through
         self.reduced_at_consumer: set = set()
         self.made_partial: dict = {}     # value -> its partial as produced (before any post)
         self.partial_source: dict = {}   # value -> the one same-size partial input it passed on
@@ -105,7 +106,16 @@ class _Placer:
         if key in self.planned or src == dst:
             return
         self.planned.add(key)
-        self.p.reshards.append(Reshard(v, src, dst, plan(src, dst, v.shape, self.sizes), reason, source, consumer))
+        steps = plan(src, dst, v.shape, self.sizes)
+        # The lowering keeps every layout a value passes through (runtime/lower.py fetch), so
+        # a plan that starts like an earlier one of the same value resumes where that one
+        # reached: only the rest runs, and only the rest is recorded.
+        reached = self.reached.setdefault(v, set())
+        start = max((k + 1 for k, t in enumerate(steps) if t.dst in reached), default=0)
+        reached.update(t.dst for t in steps)
+        if start == len(steps):
+            return
+        self.p.reshards.append(Reshard(v, steps[start].src, dst, steps[start:], reason, source, consumer))
 
     def origin(self, v) -> str:
         e = self.producer.get(v)

@@ -11,7 +11,9 @@ name = "verify"
 
 def run(program):
     sizes = program.axis_sizes
-    planned = {(r.value, r.dst) for r in program.reshards if not r.internal}
+    # A layout is reached when a reshard ends there or passes through it (plans share prefixes).
+    planned = {(r.value, lay) for r in program.reshards if not r.internal
+               for lay in (r.dst, *(t.dst for t in r.transforms))}
     for eqn in program.graph.all_eqns():
         for i, v in enumerate(eqn.invars):
             want = program.operand_layouts[(eqn.index, i)]

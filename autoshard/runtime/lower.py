@@ -35,10 +35,18 @@ def local_function(program):
             have, x = program.final_layout(v), env[v]
         if have == want:
             return x
-        key = (v, want)
-        if key not in cache:
-            cache[key] = collectives.apply(x, plan(have, want, v.shape, sizes), sizes)
-        return cache[key]
+        if (v, want) in cache:
+            return cache[(v, want)]
+        # Resume from the furthest layout of this plan already made for another consumer
+        # (insert_collectives records only the remaining steps, so the report agrees).
+        steps = plan(have, want, v.shape, sizes)
+        start = max((k + 1 for k, t in enumerate(steps) if (v, t.dst) in cache), default=0)
+        if start:
+            x = cache[(v, steps[start - 1].dst)]
+        for t in steps[start:]:
+            x = collectives.apply(x, (t,), sizes)
+            cache[(v, t.dst)] = x
+        return x
 
     def run_graph(g, args, out_layouts=None):
         """Interpret one graph (the program or a loop/branch body) per device."""

@@ -70,6 +70,15 @@ ROLES = ("parameters", "optimizer state", "batch", "inputs")
 #: ``ShardedProgram.notes`` (a dim split over axes that do not divide it is padded per device).
 WARNING_KINDS = ("replicated-value", "implicit-all-gather", "conflicting-annotations", "uneven-padding")
 
+# Results XLA fuses into their users (not kept in memory) when every user is in _ABSORB.
+_FUSIBLE = {"neg", "sign", "floor", "ceil", "round", "is_finite", "exp", "exp2", "log", "log1p", "expm1",
+            "tanh", "logistic", "sin", "cos", "tan", "sqrt", "rsqrt", "cbrt", "abs", "not", "erf", "erfc",
+            "erf_inv", "square", "integer_pow", "reduce_precision", "copy", "copy_p", "stop_gradient",
+            "add", "add_any", "sub", "mul", "div", "rem", "pow", "max", "min", "and", "or", "xor", "eq",
+            "ne", "lt", "le", "gt", "ge", "atan2", "select_n", "clamp", "convert_element_type",
+            "broadcast_in_dim", "reshape", "squeeze", "expand_dims", "iota", "transpose"}
+_ABSORB = _FUSIBLE | {"reduce_sum", "reduce_max", "reduce_min", "argmax", "argmin"}
+
 # Ops through which a parameter is still "the parameter" (for implicit-all-gather warnings).
 _PASS_THROUGH = {"convert_element_type", "transpose", "reshape", "copy", "copy_p", "squeeze",
                  "expand_dims", "broadcast_in_dim"}
@@ -98,6 +107,7 @@ class CollectiveRecord:
     layer: str = ""         # parameter path nearest to the value (e.g. "blocks.0.attn")
     module: str = ""        # flax module class (or function) of ``source``
     group_size: int = 0
+    trips: int = 1          # times it runs per step (trip counts of the loops around it)
 
 
 @dataclass(frozen=True)
@@ -216,7 +226,12 @@ def memory_rows(mem: dict, with_total: bool = False) -> list[tuple]:
             ("arguments", mem["arguments"], xla.get("argument_size_in_bytes")),
             ("outputs", mem["outputs"], xla.get("output_size_in_bytes")),
             ("activations (peak live, estimated)", mem["activations_peak"], xla.get("temp_size_in_bytes")),
-            ("largest intermediate", mem["largest_intermediate"], None)]
+            ("largest intermediate", mem["largest_intermediate"], None),
+            ("gradients (estimated)", mem["gradients"], None),
+            ("activations kept for backward (estimated)", mem["activations_for_backward"], None),
+            ("largest temporary (estimated)", mem["largest_temporary"], None),
+            ("temporaries peak (estimated, fused)", mem["temporaries_peak"], xla.get("temp_size_in_bytes")),
+            ("step total (estimated)", mem["step_total"], xla.get("total_in_bytes"))]
     if with_total:
         rows.append(("intermediates total", mem["intermediates_total"], None))
     return rows
@@ -258,6 +273,7 @@ class ShardingReport:
         self._eqns = list(graph.all_eqns())
         self._eqn_by_index = {e.index: e for e in self._eqns}
         self._producer = {o: e for e in self._eqns for o in e.outvars}
+        self._trips = self._trip_counts()
         self._roles = self._arg_roles()
         self._labels = self._layer_labels()
         self.collectives = self._collectives()
@@ -406,6 +422,39 @@ class ShardingReport:
             self._consumers = found
         return self._consumers.get((id(r.value), r.dst, r.consumer))
 
+    def _trip_counts(self) -> dict:
+        """Times per step each value of a loop body is made: the product of the trip counts
+        of the loops around it (``scan``: its ``length``; a ``while`` loop's count is not
+        known from the program: taken as 1, and ``unknown_trip_counts`` says so). Values
+        outside loops are absent (once)."""
+        trips: dict = {}
+        self.unknown_trip_counts = 0
+
+        def walk(graph, mult):
+            for e in graph.eqns:
+                if not e.subgraphs:
+                    continue
+                name = e.prim.name
+                inner = mult
+                if name == "scan":
+                    inner = mult * int(e.params.get("length", 1))
+                elif name == "while":
+                    self.unknown_trip_counts += 1
+                for sub in e.subgraphs:
+                    if inner != 1:
+                        for v in sub.invars:
+                            trips[v] = inner
+                        for be in sub.eqns:
+                            for o in be.outvars:
+                                trips[o] = inner
+                    walk(sub, inner)
+        walk(self.program.graph, 1)
+        return trips
+
+    def trips_of(self, v) -> int:
+        """Times per step the value ``v`` is made (1 outside loops)."""
+        return self._trips.get(v, 1)
+
     def _collectives(self) -> list[CollectiveRecord]:
         from .cost_model import wire_bytes
         p = self.program
@@ -426,7 +475,7 @@ class ShardingReport:
                     t.kind, tuple(sorted(t.axes, key=order.get)), tuple(t.in_shape),
                     np.dtype(r.value.dtype).name, payload, wire_bytes(t.kind, n, payload),
                     link.time(t.kind, n, payload), r.reason, r.source, self.name_of(r.value),
-                    r.consumer, layer, parse_source(r.source)["module"], n))
+                    r.consumer, layer, parse_source(r.source)["module"], n, self.trips_of(r.value)))
         return out
 
     def _equations(self) -> list[EquationRow]:
@@ -462,6 +511,32 @@ class ShardingReport:
             out[self.name_of(v)] = self._sbp(p.final_layout(v))
         for v, path, lay in zip(p.graph.outvars, p.out_paths, p.out_layouts):
             out[path] = self._sbp(lay)
+        return out
+
+    @property
+    def step_wire_bytes(self) -> float:
+        """Wire bytes per device per step: each collective times the trips of the loops
+        around it (``total_wire_bytes`` counts each collective of a loop body once, as the
+        program text and ``hlo_collectives`` do)."""
+        return float(sum(c.wire_bytes * c.trips for c in self.collectives))
+
+    @property
+    def step_time_s(self) -> float:
+        """Estimated communication time per step (no overlap assumed), loop trips included."""
+        return float(sum(c.time_s * c.trips for c in self.collectives))
+
+    def communication(self) -> dict:
+        """Per step, per mesh axes a collective runs over (``"data"``, or ``"data,fsdp"`` for
+        one over both): ``{"collectives", "runs", "wire_bytes", "time_s"}`` with loop trips
+        counted, under the link models of those axes (``with_links`` changes them)."""
+        out: dict = {}
+        for c in self.collectives:
+            row = out.setdefault(",".join(c.mesh_axes), {"collectives": 0, "runs": 0, "wire_bytes": 0.0,
+                                                          "time_s": 0.0})
+            row["collectives"] += 1
+            row["runs"] += c.trips
+            row["wire_bytes"] += c.wire_bytes * c.trips
+            row["time_s"] += c.time_s * c.trips
         return out
 
     def wire_bytes_by(self, key: str) -> dict:
@@ -517,6 +592,7 @@ class ShardingReport:
             "largest_intermediate": max(inter, default=0),
             "intermediates_total": sum(inter),
         }
+        out.update(self._step_memory(out))
         if compiled is not False and compiled is not None:
             if compiled is not True:
                 self._compiled_box[0] = compiled
@@ -524,6 +600,117 @@ class ShardingReport:
         elif self._compiled_box[0] is not None:
             out["xla"] = self._xla_memory()
         return out
+
+    def _materialized(self):
+        """Per-device bytes of each intermediate XLA is expected to keep in memory: 0 for an
+        elementwise-like result all of whose users fuse it (elementwise ops, reductions), for
+        program inputs and outputs (their buffers are the arguments and outputs)."""
+        if getattr(self, "_mat_cache", None) is not None:
+            return self._mat_cache
+        p = self.program
+        moved = {r.value for r in p.reshards if any(t.is_collective for t in r.transforms)}
+        top_io = set(p.graph.invars) | set(p.graph.outvars)
+        size = {}
+
+        def visit(graph, top):
+            users: dict = {}
+            for e in graph.eqns:
+                for v in e.invars:
+                    if not v.is_const:
+                        users.setdefault(v, []).append(e)
+            outs = set(graph.outvars)
+            for e in graph.eqns:
+                for o in e.outvars:
+                    us = users.get(o, ())
+                    if top and o in top_io:
+                        keep = False
+                    elif o in outs or o in moved:
+                        keep = True          # loop outputs, collective operands
+                    elif not us:
+                        keep = False
+                    else:
+                        keep = not (e.prim.name in _FUSIBLE and all(u.prim.name in _ABSORB for u in us))
+                    size[o] = self._local_bytes(o, p.final_layout(o)) if keep else 0
+                for sub in e.subgraphs:
+                    visit(sub, False)
+        visit(p.graph, True)
+        self._mat_cache = size
+        return size
+
+    def _temporaries_peak(self) -> int:
+        """Peak per-device bytes of materialized intermediates (``_materialized``), in program
+        order, each freed after its last use; collective results count at their consumer,
+        a loop's body peak (one iteration) at the loop."""
+        p, size = self.program, self._materialized()
+        temps: dict = {}
+        for r in p.reshards:
+            if r.value in p.post and p.post[r.value] == r.dst:
+                continue
+            i = self._consumer_index(r)
+            if i is not None and any(t.is_collective for t in r.transforms):
+                temps[i] = temps.get(i, 0) + self._local_bytes(r.value, r.dst)
+
+        def peak_of(graph):
+            last = {}
+            for e in graph.eqns:
+                for v in e.invars:
+                    last[v] = e.index
+            live = peak = 0
+            free_at: dict = {}
+            for e in graph.eqns:
+                inner = max((peak_of(g) for g in e.subgraphs), default=0)
+                for o in e.outvars:
+                    b = size.get(o, 0)
+                    if b:
+                        live += b
+                        free_at.setdefault(last.get(o, e.index), []).append(b)
+                peak = max(peak, live + temps.get(e.index, 0) + inner)
+                live -= sum(free_at.pop(e.index, ()))
+            return peak
+        return int(peak_of(p.graph))
+
+    def _step_memory(self, base: dict) -> dict:
+        """The step's memory beyond its arguments: gradients, activations kept for backward,
+        the peak of temporaries, and the total XLA's ``memory_analysis()`` reports
+        (arguments + outputs + temporaries - aliased)."""
+        p, size = self.program, self._materialized()
+        # Forward part: equations the scalar floating outputs (the loss) depend on.
+        want = [v for v in p.graph.outvars if not v.shape and np.issubdtype(v.dtype, np.floating)]
+        forward, stack = set(), [v for v in want if v in self._producer]
+        while stack:
+            e = self._producer[stack.pop()]
+            if id(e) in forward:
+                continue
+            forward.add(id(e))
+            stack += [w for w in e.invars if w in self._producer and id(self._producer[w]) not in forward]
+        top = p.graph.eqns
+        residual = set()
+        for e in top:
+            if id(e) in forward:
+                continue
+            for w in e.invars:
+                pe = self._producer.get(w)
+                if pe is not None and id(pe) in forward and size.get(w, 0):
+                    residual.add(w)
+        # Gradients: one per parameter, in the layout of its updated value (or its own).
+        params = {path: (v, p.layouts[v]) for v, path in zip(p.graph.invars, p.in_paths)
+                  if self.role_of(path) == "parameters"}
+        outs = {}
+        for v, path, lay in zip(p.graph.outvars, p.out_paths, p.out_layouts):
+            outs.setdefault(re.sub(r"^out(\[\d+\])?", "", path), lay)
+        grads = 0
+        if forward:
+            for path, (v, lay) in params.items():
+                grads += self._local_bytes(v, outs.get(re.sub(r"^args\[\d+\]", "", path), lay))
+        temp = self._temporaries_peak()
+        tuple_table = 8 * len(p.graph.outvars) if len(p.graph.outvars) > 1 else 0
+        return {
+            "gradients": int(grads),
+            "activations_for_backward": int(sum(size[w] for w in residual)),
+            "largest_temporary": int(max(size.values(), default=0)),
+            "temporaries_peak": temp,
+            "step_total": int(base["arguments"] + base["outputs"] + tuple_table + temp),
+        }
 
     def _activation_peak(self) -> int:
         p = self.program
@@ -575,7 +762,10 @@ class ShardingReport:
         stats = self.compiled().memory_analysis()
         fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
                   "temp_size_in_bytes", "generated_code_size_in_bytes")
-        return {f: int(getattr(stats, f, 0) or 0) for f in fields}
+        out = {f: int(getattr(stats, f, 0) or 0) for f in fields}
+        out["total_in_bytes"] = (out["argument_size_in_bytes"] + out["output_size_in_bytes"]
+                                 + out["temp_size_in_bytes"] - out["alias_size_in_bytes"])
+        return out
 
     def hlo_collectives(self):
         """Collectives parsed from the compiled HLO (``runtime.hlo.parse_collectives``)."""
@@ -966,6 +1156,9 @@ class ShardingReport:
                 "wire_bytes_by_layer": self.wire_bytes_by("layer"),
                 "wire_bytes_by_module": self.wire_bytes_by("module"),
                 "warnings": len(self.warnings),
+                "step_wire_bytes": self.step_wire_bytes,
+                "step_time_s": self.step_time_s,
+                "communication": self.communication(),
             },
             "equations": [asdict(r) for r in self.equations],
             "sources": self.sources(),
@@ -1007,6 +1200,9 @@ class ShardingReport:
         text = (f"mesh {self.mesh_shape}: {len(self.equations)} equations, {len(self.collectives)} collectives "
                 f"({kinds}); {self.total_wire_bytes / 1024:.1f} KiB on the wire per device "
                 f"(~{_fmt_time(self.total_time_s)}); arguments {mem['arguments'] / 1024:.1f} KiB per device")
+        if any(c.trips > 1 for c in self.collectives):
+            text += (f"; per step with loop trips {_fmt_bytes(self.step_wire_bytes)} "
+                     f"(~{_fmt_time(self.step_time_s)})")
         if self.warnings:
             text += f"; {len(self.warnings)} warning(s)"
         return text

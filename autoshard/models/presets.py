@@ -15,7 +15,14 @@ fsdp     first dim divisible by ``|data|`` on ``'data'`` ``P('data', None..)``
 tp       Megatron column/row split on ``'model'``       ``P()``
 dp_tp    as tp                                          ``P('data', None..)``
 sp       as tp; GPT's residual stream split on sequence ``P('data'?, 'model')``
+fsdp_tp  as tp, plus one other dim over ``'fsdp'``       ``P(('data', 'fsdp'), ..)``
+         (``'data'`` when the mesh has no ``'fsdp'``)
 ======== ============================================== ======================
+
+``fsdp_tp`` (ZeRO-3 with Megatron) fits 3-axis meshes such as ``data=16,fsdp=16,model=8``:
+``'data'`` replicates parameters (pure data parallelism), ``'fsdp'`` shards them and the
+batch, ``'model'`` splits the layers as tp. On a ``data x model`` mesh it shards parameters
+over ``'data'``.
 
 ``sp`` is Megatron sequence parallelism: outside attention and the MLP (layernorms,
 residual adds) activations are split along the sequence over ``'model'``; the model pins
@@ -46,18 +53,19 @@ from jax.sharding import PartitionSpec as P
 from autoshard.models import MODEL_NAMES
 
 __all__ = ["STRATEGIES", "DATA_AXIS", "MODEL_AXIS", "EXPERT_AXIS", "required_axes",
-           "strategies", "param_specs", "batch_specs", "configure", "describe"]
+           "FSDP_AXIS", "strategies", "param_specs", "batch_specs", "configure", "describe"]
 
 #: Every strategy name some reference model accepts; :func:`strategies` says which a model has.
-STRATEGIES = ("dp", "fsdp", "tp", "dp_tp", "sp", "ep")
+STRATEGIES = ("dp", "fsdp", "tp", "dp_tp", "sp", "ep", "fsdp_tp")
 DATA_AXIS = "data"
 MODEL_AXIS = "model"
 EXPERT_AXIS = "expert"
+FSDP_AXIS = "fsdp"           # optional axis of fsdp_tp (parameters and batch split over it)
 
 # Strategies of the models whose specs are computed here. Other models (moe, cnn) own their
 # presets: their module defines STRATEGIES, param_specs, batch_specs (same signatures as the
 # functions below, without the model name) and optionally configure.
-_OWN_STRATEGIES = {"gpt": ("dp", "fsdp", "tp", "dp_tp", "sp"),
+_OWN_STRATEGIES = {"gpt": ("dp", "fsdp", "tp", "dp_tp", "sp", "fsdp_tp"),
                    "mlp": ("dp", "fsdp", "tp", "dp_tp")}
 
 # Mesh axes each strategy shards over.
@@ -68,6 +76,7 @@ _REQUIRED_AXES = {
     "dp_tp": (DATA_AXIS, MODEL_AXIS),
     "sp": (MODEL_AXIS,),          # 'data', when the mesh has it, carries the batch
     "ep": (EXPERT_AXIS,),
+    "fsdp_tp": (DATA_AXIS, MODEL_AXIS),   # and FSDP_AXIS when the mesh has it
 }
 
 # Megatron rules keyed by (module name, leaf name), i.e. the last two keys of a
@@ -235,6 +244,8 @@ def param_specs(model_name: str, params: dict, strategy: str,
     if strategy == "fsdp":
         n_data = _axis_size(mesh_shape, DATA_AXIS)
         return _map_with_path(lambda path, x: _fsdp_spec(tuple(x.shape), n_data, _stacked(path)), params)
+    if strategy == "fsdp_tp":
+        return _fsdp_tp_specs(model_name, params, tuple(mesh_axis_names), mesh_shape)
     # tp, dp_tp and sp share the Megatron parameter layout.
     n_model = _axis_size(mesh_shape, MODEL_AXIS)
     return _map_with_path(
@@ -256,6 +267,9 @@ def batch_specs(model_name: str, batch: dict, strategy: str,
         return module.batch_specs(batch, strategy, tuple(mesh_axis_names))
     if strategy == "tp":
         return _map_with_path(lambda path, x: P(), batch)
+    if strategy == "fsdp_tp":
+        axes = _fsdp_tp_batch_axes(tuple(mesh_axis_names))
+        return _map_with_path(lambda path, x: _split_dim(len(x.shape), 0, axes), batch)
     if strategy == "sp":   # [B, T] tokens: batch over 'data' (if any), sequence over 'model'
         data = _data_axis_if_present(mesh_axis_names)
         return _map_with_path(lambda path, x: P(data, MODEL_AXIS), batch)
@@ -267,3 +281,36 @@ def describe(specs: Any) -> str:
     lines = []
     _map_with_path(lambda path, s: lines.append(f"{'/'.join(path)}: {s}"), specs)
     return "\n".join(lines)
+
+
+def _fsdp_tp_batch_axes(mesh_axis_names: tuple[str, ...]):
+    """``('data', 'fsdp')`` on a mesh with both, else ``'data'``."""
+    return (DATA_AXIS, FSDP_AXIS) if FSDP_AXIS in mesh_axis_names else DATA_AXIS
+
+
+def _fsdp_tp_specs(model_name: str, params: dict, mesh_axis_names: tuple[str, ...],
+                   mesh_shape: Mapping[str, int]) -> dict:
+    """Megatron over ``'model'`` plus, on the first other dim that divides (the layer dim of
+    stacked params skipped), a split over ``'fsdp'`` (``'data'`` on a mesh without it).
+
+    >>> _fsdp_tp_specs("gpt", {"blocks": {"0": {"attn": {"q": {"kernel": np.zeros((32, 32))}}}}},
+    ...                ("data", "fsdp", "model"), {"data": 2, "fsdp": 2, "model": 2})  # doctest: +SKIP
+    {'blocks': {'0': {'attn': {'q': {'kernel': P('fsdp', 'model')}}}}}
+    """
+    n_model = _axis_size(mesh_shape, MODEL_AXIS)
+    shard = FSDP_AXIS if FSDP_AXIS in mesh_axis_names else DATA_AXIS
+    n_shard = _axis_size(mesh_shape, shard)
+
+    def spec(path, x):
+        shape = tuple(x.shape)
+        tp = tuple(_tp_spec(model_name, path, shape, n_model))
+        entries = list(tp) + [None] * (len(shape) - len(tp))
+        for i, size in enumerate(shape):
+            if (i == 0 and _stacked(path)) or entries[i] is not None:
+                continue
+            if size > 0 and size % n_shard == 0:
+                entries[i] = shard
+                break
+        return P(*entries) if any(e is not None for e in entries) else P()
+
+    return _map_with_path(spec, params)

@@ -265,3 +265,48 @@ def make_train_step(model_def: ModelDef, optimizer: optax.GradientTransformation
 def default_optimizer(lr: float = 1e-3) -> optax.GradientTransformation:
     """``optax.adamw(lr, weight_decay=0.01)``."""
     return optax.adamw(lr, weight_decay=0.01)
+
+
+# ----------------------------------------------------------------- planning at scale
+
+#: Presets of the reference GPT for planning (``autoshard report --model gpt --size 1t``).
+#: Parameter counts (``param_count``): test 30K, 1b 1.04B, 70b 71.4B, 1t 1.01T. The
+#: large ones stack their layers (``scan_layers``: one loop in the program, so the plan's
+#: size does not grow with depth) and use bfloat16 parameters and activations.
+SIZES = {
+    "test": GPTConfig(),
+    "1b": GPTConfig(vocab_size=32768, d_model=2048, n_heads=16, n_layers=18, seq_len=2048,
+                    dtype=jnp.bfloat16, scan_layers=True),
+    "70b": GPTConfig(vocab_size=32768, d_model=8192, n_heads=64, n_layers=88, seq_len=4096,
+                     dtype=jnp.bfloat16, scan_layers=True),
+    "1t": GPTConfig(vocab_size=32768, d_model=25600, n_heads=160, n_layers=128, seq_len=2048,
+                    dtype=jnp.bfloat16, scan_layers=True),
+}
+
+
+def param_count(config: GPTConfig) -> int:
+    """Number of parameters of ``GPT(config)``, from the architecture (no arrays made).
+
+    >>> param_count(GPTConfig())
+    30144
+    """
+    d, f, v, t, n = config.d_model, config.ff_dim, config.vocab_size, config.seq_len, config.n_layers
+    block = 4 * (d * d + d) + (d * f + f) + (f * d + d) + 4 * d
+    return v * d + t * d + n * block + 2 * d + d * v + v
+
+
+def abstract_init(config: GPTConfig = GPTConfig()) -> tuple[ModelDef, dict]:
+    """``init(config)`` without materializing anything: ``params`` has ``jax.ShapeDtypeStruct``
+    leaves (so a 1T-parameter model costs no memory). For planning on an abstract mesh.
+
+    >>> model_def, params = abstract_init(SIZES["1t"])
+    >>> params["blocks"]["attn"]["q"]["kernel"].shape
+    (128, 25600, 25600)
+    """
+    return split_params("gpt", config, nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0))))
+
+
+def abstract_batch(config: GPTConfig, batch_size: int) -> dict:
+    """``make_batch``'s structure as ``jax.ShapeDtypeStruct`` leaves (int32 ``[B, T]``)."""
+    leaf = jax.ShapeDtypeStruct((batch_size, config.seq_len), jnp.int32)
+    return {"tokens": leaf, "labels": leaf}

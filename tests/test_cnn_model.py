@@ -20,23 +20,9 @@ LR = 1e-3
 BATCH = 8
 
 
-class ReportHloMismatch(AssertionError):
-    """The report's collectives differ from the compiled HLO's (numerics already passed)."""
-
-
-# fsdp: the step equals one device, but the report lists collectives XLA changes. Missing
-# features: (1) the report does not model XLA's CSE of the forward and backward all-gathers
-# of the 1x1 projection kernel (the backward reads rev(kernel), an identity on size-1 dims,
-# so XLA merges the two gathers); (2) runtime/hlo.py reads the tuple all-to-all of an
-# activation [8,8,8,4] -> [1,8,8,32] as [1,8,8,32] (the chunks are fusions, not slices, and
-# both directions have the same chunk shape).
-_FSDP_GAP = pytest.mark.xfail(strict=True, raises=ReportHloMismatch, reason=(
-    "report does not model XLA's CSE of a 1x1 kernel's forward/backward all-gathers, and "
-    "runtime/hlo.py misreads a tuple all-to-all's direction"))
-
-FAST = [("dp", "data=8"), pytest.param("fsdp", "data=8", marks=_FSDP_GAP),
+FAST = [("dp", "data=8"), ("fsdp", "data=8"),
         ("tp", "data=2,model=4"), ("dp_tp", "data=2,model=4"), ("sp", "data=2,model=4")]
-SLOW = [("dp", "data=2,model=4"), pytest.param("fsdp", "data=2,model=4", marks=_FSDP_GAP),
+SLOW = [("dp", "data=2,model=4"), ("fsdp", "data=2,model=4"),
         ("tp", "model=8"), ("sp", "model=8"), ("dp_tp", "data=4,model=2")]
 
 
@@ -127,11 +113,7 @@ def check_strategy(strategy, mesh_text):
                    for c in hlo if c.kind == "all-gather" and "model" in c.mesh_axes), hlo
         # Halo rows only: each collective-permute moves at most one row of an activation.
         assert all(c.shape[1] == 1 for c in hlo if c.kind == "collective-permute"), hlo
-    # Last, so that an expected mismatch (fsdp) still runs the checks above.
-    try:
-        report, hlo = assert_report_matches_hlo(pf, params, opt_state, batch)
-    except AssertionError as err:
-        raise ReportHloMismatch(str(err)) from err
+    report, hlo = assert_report_matches_hlo(pf, params, opt_state, batch)
     return report, hlo
 
 

@@ -4,7 +4,6 @@ train step equals the single-device one, and the report's collectives equal the 
 HLO's; under ``ep`` tokens travel to their experts by all-to-all over ``'expert'`` and the
 expert weights are never gathered."""
 import math
-from collections import Counter
 
 import jax
 import numpy as np
@@ -12,7 +11,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import autoshard as ash
-from _util import hlo_collectives, kinds
+from _util import assert_report_matches_hlo, kinds
 from autoshard.errors import SpecError
 from autoshard.models import get_model, presets
 from autoshard.models.moe import router_probs
@@ -104,40 +103,6 @@ def assert_step_close(got, want):
     assert noisy < 0.01 * sum(np.size(w) for w in jax.tree.leaves(ref_params))
 
 
-def report_matches_hlo(pf, *args):
-    """``assert_report_matches_hlo`` with two known gaps, each checked rather than ignored.
-
-    1. An all-to-all's per-device operand is compared by element count, not shape. XLA CPU
-       emits ``all_to_all(tiled=True)`` in tuple form (one operand per peer, no
-       ``dimensions=``); when it fuses the slicing of those chunks into their producers,
-       ``runtime/hlo.py`` cannot see the array they were cut from and rebuilds it by scaling
-       the chunk's dim 0 (``[2,1,4,32]`` chunks of a ``[2,4,4,32]`` operand read as
-       ``(8,1,4,32)``). Kind, mesh axes, count and bytes are still exact.
-    2. The pass plans the reshards of one value to two layouts independently; where both
-       plans start with the same collective, the program runs it twice and XLA's CSE keeps
-       one, so the report counts it twice. Returns the report's extra records, which must
-       be exactly such repeats (same value, kind, axes, shape); the caller xfails on them.
-    """
-    report, hlo = pf.report(*args), hlo_collectives(pf, *args)
-    key = lambda c: (c.kind, tuple(c.mesh_axes),
-                     math.prod(c.shape) if c.kind == "all-to-all" else tuple(c.shape))
-    compiled = Counter(map(key, hlo))
-    planned = Counter(map(key, report.collectives))
-    seen, repeats, unique = set(), [], []
-    for c in report.collectives:
-        k = (c.value, c.kind, tuple(c.mesh_axes), tuple(c.shape))
-        (repeats if k in seen else unique).append(c)
-        seen.add(k)
-    if planned != compiled:
-        assert Counter(map(key, unique)) == compiled, (
-            f"only in report: {planned - compiled}\nonly in HLO: {compiled - planned}")
-    else:
-        repeats = []
-    wire = sum(c.wire_bytes for c in report.collectives) - sum(c.wire_bytes for c in repeats)
-    assert abs(wire - sum(c.wire_bytes for c in hlo)) < 1e-6
-    return report, hlo, repeats
-
-
 def _expert_leaves(tree):
     """(path, leaf) of the stacked expert weights ``blocks/<i>/moe/{up,down}/*``."""
     return [(p, x) for p, x in jax.tree_util.tree_flatten_with_path(
@@ -161,7 +126,7 @@ def test_moe_train_step_equals_one_device_and_report_matches_hlo(model, referenc
                           jax.tree.leaves(got[1])):
         assert leaf.sharding.is_equivalent_to(NamedSharding(mesh, spec), leaf.ndim)
 
-    report, hlo, repeats = report_matches_hlo(pf, params, opt_state, batch)
+    report, hlo = assert_report_matches_hlo(pf, params, opt_state, batch)
     seen = kinds(hlo)
     if strategy == "ep":
         # GShard: per layer, tokens go to their experts and back (forward), and the
@@ -189,11 +154,6 @@ def test_moe_train_step_equals_one_device_and_report_matches_hlo(model, referenc
         # Megatron on the experts: the expert FFN's [E, G, C, F] activations stay split on
         # F; nothing over 'model' is gathered.
         assert not any(k == "all-gather" and "model" in a for k, a in seen), seen
-    if repeats:
-        pytest.xfail(f"the report counts {len(repeats)} collectives twice that XLA runs once "
-                     "(reshards of one value to two layouts sharing their first step; "
-                     "insert_collectives and lower need prefix-shared reshard plans): "
-                     + "; ".join(f"{c.kind} {c.shape} of {c.value}" for c in repeats))
 
 
 # ----------------------------------------------------------------- presets

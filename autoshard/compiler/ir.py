@@ -179,6 +179,12 @@ class _Builder:
                 for var, o in zip(eqn.outvars, outs):
                     env[var] = o
                 continue
+            if eqn.primitive.name == "rev" and all(eqn.invars[0].aval.shape[d] == 1
+                                                   for d in eqn.params["dimensions"]):
+                # Reversing size-1 dims is the identity (a 1x1 kernel's gradient reads it):
+                # XLA removes it too, and one value gets one set of reshards, not two.
+                env[eqn.outvars[0]] = ins[0]
+                continue
             outs = [self.new(v.aval) for v in eqn.outvars]
             for var, o in zip(eqn.outvars, outs):
                 env[var] = o

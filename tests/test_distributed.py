@@ -69,6 +69,36 @@ def _worker():
                                   "ref_losses": ref_losses}), flush=True)
 
 
+def _small_worker():
+    """A small function across 2 processes: process-local rows in, the one-device result out;
+    then a call whose shapes differ between the processes is a clear error, not a hang."""
+    from autoshard.runtime import distributed
+    assert distributed.initialize()
+    import jax
+    import numpy as np
+    from jax.sharding import PartitionSpec as P
+
+    import autoshard as ash
+    f = lambda x, w: jax.nn.relu(x @ w).sum(axis=1)
+    pf = ash.parallelize(f, mesh=ash.make_mesh("data=2,model=4"), in_specs=(P("data", None), P(None, "model")))
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((8, 16)).astype(np.float32), rng.standard_normal((16, 32)).astype(np.float32)
+    sx = pf.input_shardings(x, w)[0]
+    assert distributed.local_index(sx, x.shape) == (slice(4 * jax.process_index(), 4 * jax.process_index() + 4),
+                                                    slice(0, 16))
+    gx = distributed.global_array(distributed.local_slice(x, sx), sx, x.shape)
+    out = pf(gx, w)                                   # w: NumPy every process holds whole
+    np.testing.assert_allclose(distributed.to_host(out), jax.jit(f)(x, w), rtol=1e-5, atol=1e-5)
+    # Each process runs a program for the first time (the check runs before a program's first
+    # run on each process; a process that hits its cache does not communicate).
+    fresh = ash.parallelize(f, mesh=pf.mesh, in_specs=pf.in_specs)
+    try:
+        fresh(np.ones((8 * (1 + jax.process_index()), 16), np.float32), w)
+    except ash.ShardingError as e:
+        print("MISMATCH " + str(e).splitlines()[0], flush=True)
+    print("RESULT " + json.dumps({"process": jax.process_index(), "traces": pf.trace_count}), flush=True)
+
+
 def _launch(cmd, processes=2, devices=4, timeout=240, extra=()):
     argv = [sys.executable, "-m", "autoshard.cli", "launch", "--processes", str(processes),
             "--devices-per-process", str(devices), "--timeout", str(timeout), *extra, "--", *cmd]
@@ -149,6 +179,19 @@ def test_launcher_timeout_and_usage():
     assert run.returncode == 2 and "after '--'" in run.stderr
 
 
+def test_process_local_rows_and_a_shape_mismatch_between_processes():
+    run = _launch([sys.executable, os.path.abspath(__file__), "small"], timeout=150)
+    out = run.stdout + run.stderr
+    if run.returncode != 0 and (why := _multiprocess_unavailable(out)):
+        pytest.skip(f"this platform cannot run multi-process JAX on 127.0.0.1 ({why})")
+    assert run.returncode == 0, out[-5000:]
+    for p in (0, 1):
+        (line,) = [ln for ln in run.stdout.splitlines() if ln.startswith(f"[p{p}] MISMATCH ")]
+        assert "processes [1] called it with other input shapes" in line
+        assert f"this is process {p}: float32[{8 * (1 + p)}, 16]" in line
+        assert f'[p{p}] RESULT {{"process": {p}, "traces": 1}}' in run.stdout
+
+
 @pytest.mark.slow
 def test_demo_under_the_launcher():
     run = _launch(["autoshard", "demo", "--steps", "3"], timeout=400)
@@ -158,6 +201,6 @@ def test_demo_under_the_launcher():
     assert not any(line.startswith("[p1] ") and "loss" in line for line in run.stdout.splitlines())
 
 
-if __name__ == "__main__" and sys.argv[1:] == ["worker"]:
+if __name__ == "__main__":
     sys.path.insert(0, ROOT)
-    _worker()
+    {"worker": _worker, "small": _small_worker}[sys.argv[1]]()

@@ -20,6 +20,7 @@ process fills only its own shards.
 """
 from __future__ import annotations
 
+import hashlib
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 
 from ..compiler import ir, pipeline
 from ..compiler.mesh import MeshInfo
-from ..errors import PlanningOnlyError, ReshardWarning, RetraceWarning, SpecError
+from ..errors import PlanningOnlyError, ReshardWarning, RetraceWarning, ShardingError, SpecError
 from .lower import lower_to_jit
 
 #: Warn (``RetraceWarning``) when one ParallelFunction has traced more than this many programs.
@@ -125,6 +126,7 @@ class ParallelFunction:
         self.last_retrace_reason: str | None = None
         self.last_call_copies = 0          # input leaves copied/placed by the latest call
         self._last_key = None
+        self._verified: set = set()        # cache keys whose signature all processes agreed on
         # Constant parts of the cache key: the mesh and every annotation.
         self._static_key = (mesh, _spec_key(in_specs), _spec_key(out_specs), self.static_argnums,
                             self.donate_argnums)
@@ -218,6 +220,32 @@ class ParallelFunction:
         self._last_key = key
         return entry
 
+    @property
+    def _spans_processes(self) -> bool:
+        return not isinstance(self.mesh, AbstractMesh) and jax.process_count() > 1 \
+            and any(d.process_index != jax.process_index() for d in self.mesh.devices.flat)
+
+    def _check_same_signature_everywhere(self, entry):
+        """Every process must run the same program: before a program's first run, compare a
+        digest of its call signature across processes, so a mismatch is an error naming this
+        process's inputs instead of a hang in the first collective. Only a program's first run
+        communicates (``report``/``lower``/``input_shardings`` stay local), so a process that
+        diverges later while another hits its cache still hangs: a per-call check would cost a
+        host synchronisation every step."""
+        from jax.experimental import multihost_utils
+        avals = entry.avals
+        text = repr((str(entry.in_tree), [(tuple(a.shape), str(a.dtype)) for a in avals], entry.key[-1:]))
+        digest = np.frombuffer(hashlib.sha256(text.encode()).digest(), dtype=np.uint32)
+        everyone = np.asarray(multihost_utils.process_allgather(digest)).reshape(jax.process_count(), -1)
+        differ = [i for i in range(len(everyone)) if not np.array_equal(everyone[i], everyone[0])]
+        if differ:
+            mine = ", ".join(f"{a.dtype}{list(a.shape)}" for a in avals)
+            raise ShardingError(
+                f"{self.__name__}: processes {differ} called it with other input shapes, dtypes, structure or "
+                f"static arguments than process 0 (this is process {jax.process_index()}: {mine}); every process "
+                f"must call a parallelized function with the same global values' shapes (turn process-local data "
+                f"into global arrays with autoshard.runtime.distributed.global_array)")
+
     def _leaf_arg_index(self, args, in_tree):
         """For each flat leaf, the positional argument it came from."""
         out = []
@@ -234,6 +262,9 @@ class ParallelFunction:
                 f"{self.__name__} was parallelized on an abstract mesh {dict(self.mesh.shape)}: it is for "
                 f"planning (report/lower) only; build the mesh with autoshard.make_mesh to run it")
         entry = self._compile(args)
+        if entry.key not in self._verified and self._spans_processes:
+            self._check_same_signature_everywhere(entry)
+        self._verified.add(entry.key)
         dyn, _ = self._split_args(args)
         leaves = jax.tree.leaves(dyn)
         copies = 0

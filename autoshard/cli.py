@@ -276,8 +276,39 @@ def _user_report(args):
     return pf.report(*shapes), {}
 
 
+def _size_report(args):
+    """``--model gpt --size 1t``: plan a large GPT on an abstract mesh (no devices, nothing
+    materialized: parameters, optimizer state and batch are ``jax.ShapeDtypeStruct`` trees)."""
+    import jax
+
+    from . import abstract_mesh, parallelize
+    from .models import gpt, presets
+    if args.model != "gpt":
+        raise UsageError(f"--size is for --model gpt (sizes {sorted(gpt.SIZES)}), not {args.model!r}")
+    if args.size not in gpt.SIZES:
+        raise UsageError(f"--size {args.size!r}: sizes are {sorted(gpt.SIZES)}")
+    mesh = abstract_mesh(args.mesh)
+    axes, shape = tuple(mesh.axis_names), dict(mesh.shape)
+    cfg = presets.configure("gpt", gpt.SIZES[args.size], args.strategy, axes)
+    model_def, params = gpt.abstract_init(cfg)
+    optimizer = gpt.default_optimizer()
+    opt_state = jax.eval_shape(optimizer.init, params)
+    # Default global batch: one sequence per group of devices that shares a batch shard.
+    batch_size = args.batch or max(1, math.prod(shape.values()) // shape.get(presets.MODEL_AXIS, 1))
+    batch = gpt.abstract_batch(cfg, batch_size)
+    in_specs = (presets.param_specs("gpt", params, args.strategy, axes, shape), None,
+                presets.batch_specs("gpt", batch, args.strategy, axes))
+    pstep = parallelize(gpt.make_train_step(model_def, optimizer), mesh=mesh, in_specs=in_specs)
+    print(f"gpt {args.size}: {gpt.param_count(cfg) / 1e9:.3g}B parameters, batch {batch_size} x "
+          f"{cfg.seq_len} tokens, strategy {args.strategy}, abstract mesh {shape} "
+          f"({math.prod(shape.values())} devices)")
+    return pstep.report(params, opt_state, batch), {0: "parameters", 1: "optimizer state", 2: "batch"}
+
+
 def _model_report(args):
     from . import parallelize
+    if getattr(args, "size", None):
+        return _size_report(args)
     mesh, model, cfg, params, optimizer, step, batch, in_specs = _setup(args)
     pstep = parallelize(step, mesh=mesh, in_specs=in_specs)
     rep = pstep.report(params, optimizer.init(params), batch)
@@ -291,7 +322,7 @@ def report(args) -> int:
     roles.update(parse_roles(args.roles) if args.roles else {})
     if links or roles:
         rep = rep.with_options(links=links, roles=roles)
-    xla = not (args.no_xla or args.abstract)
+    xla = not (args.no_xla or args.abstract or args.size)
     mem = rep.memory(compiled=xla)
     if args.full:
         print(rep)
@@ -300,11 +331,18 @@ def report(args) -> int:
         line = (f"memory per device: parameters {_fmt_bytes(mem['parameters'])}, optimizer state "
                 f"{_fmt_bytes(mem['optimizer_state'])}, batch {_fmt_bytes(mem['batch'])}, other inputs "
                 f"{_fmt_bytes(mem['other_inputs'])}, activations ~{_fmt_bytes(mem['activations_peak'])} (estimated)")
+        line += (f"; gradients {_fmt_bytes(mem['gradients'])}, activations kept for backward "
+                 f"{_fmt_bytes(mem['activations_for_backward'])}, largest temporary "
+                 f"{_fmt_bytes(mem['largest_temporary'])}, temporaries peak {_fmt_bytes(mem['temporaries_peak'])}; "
+                 f"step total ~{_fmt_bytes(mem['step_total'])}")
         if "xla" in mem:
             x = mem["xla"]
             line += (f"; XLA: arguments {_fmt_bytes(x['argument_size_in_bytes'])}, outputs "
                      f"{_fmt_bytes(x['output_size_in_bytes'])}, temporaries {_fmt_bytes(x['temp_size_in_bytes'])}")
         print(line)
+        for axes, c in rep.communication().items():
+            print(f"communication over {axes}: {c['collectives']} collectives, {c['runs']} runs per step, "
+                  f"{_fmt_bytes(c['wire_bytes'])} per device per step, ~{c['time_s'] * 1e3:.2f} ms")
         for w in rep.warnings:
             print(f"warning [{w.kind}] {w.message}\n  fix: {w.fix}")
     for name in args.explain:
@@ -357,8 +395,9 @@ def main(argv=None) -> int:
         # Literal lists: importing autoshard.models would start JAX before XLA_FLAGS is set.
         p.add_argument("--model", default="gpt", choices=("gpt", "mlp", "moe", "cnn"))
         p.add_argument("--mesh", default="data=2,model=4", help="mesh shape, e.g. data=2,model=4")
-        p.add_argument("--strategy", default="dp_tp", choices=("dp", "fsdp", "tp", "dp_tp", "sp", "ep"))
-        p.add_argument("--batch", type=int, default=8)
+        p.add_argument("--strategy", default="dp_tp", choices=("dp", "fsdp", "tp", "dp_tp", "sp", "ep", "fsdp_tp"))
+        p.add_argument("--batch", type=int, default=None, help="global batch (default 8; with --size: "
+                                                                "one sequence per batch shard)")
 
     d = sub.add_parser("demo", help="train a small model on simulated devices and check it against one device")
     common(d)
@@ -382,12 +421,16 @@ def main(argv=None) -> int:
     r.add_argument("--explain", action="append", default=[], metavar="NAME",
                    help="print where NAME's layout came from (repeatable)")
     r.add_argument("--no-xla", action="store_true", help="skip compiling for XLA's memory_analysis")
+    r.add_argument("--size", help="with --model gpt: plan a large preset (test, 1b, 70b, 1t) on an abstract "
+                                  "mesh, e.g. --size 1t --mesh data=16,fsdp=16,model=8 --strategy fsdp_tp")
     r.add_argument("--json")
     r.add_argument("--html")
     r.add_argument("--full", action="store_true", help="print every equation and collective")
     _launch_parser(sub)
     _bench_parser(sub)
     args = parser.parse_args(argv)
+    if getattr(args, "batch", 0) is None and not getattr(args, "size", None):
+        args.batch = 8
     if args.command == "launch":
         try:
             return launch(args)
@@ -397,7 +440,9 @@ def main(argv=None) -> int:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from .errors import ShardingError
     try:
-        _ensure_cpu_devices(max(8, _mesh_size(getattr(args, "mesh", "data=8"))))
+        # Planning on an abstract mesh (--size, --abstract) needs no simulated devices.
+        planning = getattr(args, "size", None) or getattr(args, "abstract", False)
+        _ensure_cpu_devices(8 if planning else max(8, _mesh_size(getattr(args, "mesh", "data=8"))))
         return {"demo": demo, "report": report, "bench": bench}[args.command](args)
     except (ShardingError, UsageError) as e:
         print(f"autoshard: {type(e).__name__}: {e}", file=sys.stderr)

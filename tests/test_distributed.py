@@ -187,7 +187,7 @@ def test_process_local_rows_and_a_shape_mismatch_between_processes():
     assert run.returncode == 0, out[-5000:]
     for p in (0, 1):
         (line,) = [ln for ln in run.stdout.splitlines() if ln.startswith(f"[p{p}] MISMATCH ")]
-        assert "processes [1] called it with other input shapes" in line
+        assert "processes [1] called it with other input shapes, dtypes or structure than process 0" in line
         assert f"this is process {p}: float32[{8 * (1 + p)}, 16]" in line
         assert f'[p{p}] RESULT {{"process": {p}, "traces": 1}}' in run.stdout
 

@@ -20,6 +20,7 @@ process fills only its own shards.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 import warnings
@@ -234,15 +235,16 @@ class ParallelFunction:
         host synchronisation every step."""
         from jax.experimental import multihost_utils
         avals = entry.avals
-        text = repr((str(entry.in_tree), [(tuple(a.shape), str(a.dtype)) for a in avals], entry.key[-1:]))
+        # Paths and avals only: reprs of static arguments or pytree node data may hold addresses.
+        text = repr([(p, tuple(a.shape), str(a.dtype)) for p, a in zip(entry.paths, avals)])
         digest = np.frombuffer(hashlib.sha256(text.encode()).digest(), dtype=np.uint32)
         everyone = np.asarray(multihost_utils.process_allgather(digest)).reshape(jax.process_count(), -1)
         differ = [i for i in range(len(everyone)) if not np.array_equal(everyone[i], everyone[0])]
         if differ:
             mine = ", ".join(f"{a.dtype}{list(a.shape)}" for a in avals)
             raise ShardingError(
-                f"{self.__name__}: processes {differ} called it with other input shapes, dtypes, structure or "
-                f"static arguments than process 0 (this is process {jax.process_index()}: {mine}); every process "
+                f"{self.__name__}: processes {differ} called it with other input shapes, dtypes or structure "
+                f"than process 0 (this is process {jax.process_index()}: {mine}); every process "
                 f"must call a parallelized function with the same global values' shapes (turn process-local data "
                 f"into global arrays with autoshard.runtime.distributed.global_array)")
 
@@ -308,7 +310,7 @@ class ParallelFunction:
             return True
         return len(devices) > 1 and isinstance(sharding, NamedSharding) and sharding.mesh != self.mesh
 
-    @property
+    @functools.cached_property
     def _mesh_devices(self):
         return set(self.mesh.devices.flat)
 

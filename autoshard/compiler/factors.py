@@ -240,7 +240,7 @@ def assignment_cost(assignment, rule, tensors, axis_sizes, links, passed_partial
             cost += reshard_time(produced, target, t.shape, t.itemsize, axis_sizes, links)
         elif t.layout is not None:
             cost += reshard_time(t.layout, want, t.shape, t.itemsize, axis_sizes, links)
-    points = math.prod(-(-size // math.prod(axis_sizes[a] for a in axes))
+    points = math.prod(float(-(-size // math.prod(axis_sizes[a] for a in axes)))
                        for size, axes in zip(rule.sizes, assignment))
     return cost + points * COMPUTE_SECONDS_PER_POINT
 

@@ -37,6 +37,13 @@ class SpecError(ShardingError):
         super().__init__("\n".join(parts))
 
 
+class NoFeasiblePlanError(ShardingError):
+    """The layout search (``auto=True``) found no plan within the constraints given."""
+
+    def __init__(self, problem: str, *, fix: str = ""):
+        super().__init__(problem + (f"\n  fix:      {fix}" if fix else ""))
+
+
 class UnsupportedPrimitiveError(NotImplementedError):
     """An operation has no sharding rule (a ``NotImplementedError``)."""
 

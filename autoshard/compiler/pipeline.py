@@ -3,15 +3,19 @@ from __future__ import annotations
 
 import time
 
-from ..passes import import_annotations, insert_collectives, propagate, verify
+from ..passes import auto_search, import_annotations, insert_collectives, propagate, verify
 from .program import ShardedProgram
 
 
-def compile(graph, mesh_info, in_specs, out_specs, in_paths, out_paths) -> ShardedProgram:
+def compile(graph, mesh_info, in_specs, out_specs, in_paths, out_paths, auto=None) -> ShardedProgram:
+    """``auto``: None, or ``{"memory_budget": bytes | None, "time_limit": seconds}`` to choose
+    every open layout by the MILP search before propagation (which then fills loop bodies)."""
     program = ShardedProgram(graph, mesh_info, list(in_paths), list(out_paths), [])
     steps = [
         # Seed closed layouts from in/out specs and constraints; reject bad specs.
         (import_annotations.name, lambda p: import_annotations.run(p, in_specs, out_specs)),
+        # auto=True: every open top-level layout from a MILP over factor assignments.
+        *([(auto_search.name, lambda p: auto_search.run(p, **auto))] if auto is not None else []),
         # Fixed point of factor-based propagation, forward and backward, cost on conflicts.
         (propagate.name, propagate.run),
         # Per equation: final assignment on actual (possibly partial) layouts; plan reshards.

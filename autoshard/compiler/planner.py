@@ -205,8 +205,10 @@ def transform_time(t: Transform, itemsize: int, axis_sizes, links: dict[str, Lin
 LATENCY_WEIGHT_IN_CHOICES = 1e-6   # one latency step ~ a few bytes
 
 
-def reshard_time(src: Layout, dst: Layout, shape, itemsize: int, axis_sizes, links) -> float:
-    """Cost the propagation passes minimise for one reshard (seconds, latency down-weighted)."""
+def reshard_time(src: Layout, dst: Layout, shape, itemsize: int, axis_sizes, links,
+                 latency_weight: float = LATENCY_WEIGHT_IN_CHOICES) -> float:
+    """Cost the propagation passes minimise for one reshard (seconds, latency down-weighted;
+    the layout search weighs it fully, as the report's time estimate does)."""
     if src == dst:
         return 0.0
     total = 0.0
@@ -217,5 +219,5 @@ def reshard_time(src: Layout, dst: Layout, shape, itemsize: int, axis_sizes, lin
         payload = math.prod(t.in_shape) * itemsize
         link = min((links.get(a, LinkModel()) for a in t.axes), key=lambda l: l.bandwidth_bytes_per_s)
         latency = link.time(t.kind, n, 0.0)
-        total += wire_bytes(t.kind, n, payload) / link.bandwidth_bytes_per_s + LATENCY_WEIGHT_IN_CHOICES * latency
+        total += wire_bytes(t.kind, n, payload) / link.bandwidth_bytes_per_s + latency_weight * latency
     return total

@@ -66,6 +66,9 @@ class ShardedProgram:
     notes: list = field(default_factory=list)                       # (kind, message, fix) for the report
     reshards: list[Reshard] = field(default_factory=list)
     pass_seconds: dict[str, float] = field(default_factory=dict)
+    # auto=True: the strategy the layout search chose per equation, and its statistics.
+    auto_assignments: dict[int, tuple] = field(default_factory=dict)
+    search: object = None
 
     @property
     def axis_sizes(self) -> dict[str, int]:

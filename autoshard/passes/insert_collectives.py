@@ -200,8 +200,10 @@ class _Placer:
         tensors = eqn_tensors(p, eqn, self.layout_of)
         for t, q in zip(tensors, parts):
             t.keep_partial = q if keep else ()
-        best = choose(fr, tensors, self.sizes, self.links, reserved={a for a, _ in passed},
-                      passed_partial=passed).assignment
+        best = p.auto_assignments.get(eqn.index)          # the layout search's strategy
+        if best is None or passed:
+            best = choose(fr, tensors, self.sizes, self.links, reserved={a for a, _ in passed},
+                          passed_partial=passed).assignment
         p.assignments[eqn.index] = best
         reduced = result_partial(best, fr)
         where = f"{eqn.prim.name} at {eqn.source}"

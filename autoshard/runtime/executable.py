@@ -111,7 +111,7 @@ class Compiled:
 
 class ParallelFunction:
     def __init__(self, fun, *, mesh, in_specs=None, out_specs=None, static_argnums=(),
-                 donate_argnums=(), auto=False):
+                 donate_argnums=(), auto=False, memory_budget=None, search_time_limit=10.0):
         self.fun = fun
         self.mesh = mesh
         self.mesh_info = MeshInfo.of(mesh)
@@ -119,9 +119,12 @@ class ParallelFunction:
         self.out_specs = out_specs
         self.static_argnums = tuple(static_argnums) if not isinstance(static_argnums, int) else (static_argnums,)
         self.donate_argnums = tuple(donate_argnums) if not isinstance(donate_argnums, int) else (donate_argnums,)
-        if auto:
-            raise NotImplementedError("auto=True (cost search over layouts) is not implemented yet (issue #6); "
-                                      "annotate parameters and batch with in_specs instead")
+        if memory_budget is not None and not auto:
+            raise ValueError("memory_budget constrains the layout search: pass auto=True with it")
+        # auto=True: every layout not annotated is chosen by the MILP search (passes/auto_search).
+        # ``auto`` may also be a dict of the search's options (``compute_rate``, ...).
+        self.auto = ({"memory_budget": memory_budget, "time_limit": float(search_time_limit),
+                      **(auto if isinstance(auto, dict) else {})} if auto else None)
         self._cache: dict = {}
         self.trace_count = 0
         self.last_retrace_reason: str | None = None
@@ -130,7 +133,7 @@ class ParallelFunction:
         self._verified: set = set()        # cache keys whose signature all processes agreed on
         # Constant parts of the cache key: the mesh and every annotation.
         self._static_key = (mesh, _spec_key(in_specs), _spec_key(out_specs), self.static_argnums,
-                            self.donate_argnums)
+                            self.donate_argnums, repr(self.auto))
         self.__wrapped__ = fun
         self.__name__ = getattr(fun, "__name__", "parallel_function")
 
@@ -207,7 +210,8 @@ class ParallelFunction:
         else:
             out_specs, out_paths = flatten_specs(self.out_specs, out_avals, "out", "out_specs")
         trace_seconds = time.perf_counter() - t0
-        program = pipeline.compile(graph, self.mesh_info, flat_specs, out_specs, flat_paths, out_paths)
+        program = pipeline.compile(graph, self.mesh_info, flat_specs, out_specs, flat_paths, out_paths,
+                                   auto=self.auto)
         program.pass_seconds["trace"] = trace_seconds
         if isinstance(self.mesh, AbstractMesh):
             jitted, in_sh, out_sh = None, None, None
@@ -353,9 +357,15 @@ def _where(sharding) -> str:
 
 
 def parallelize(fun=None, *, mesh, in_specs=None, out_specs=None, static_argnums=(),
-                donate_argnums=(), auto=False):
-    """Compile single-device ``fun`` to the mesh. Decorator or call form."""
+                donate_argnums=(), auto=False, memory_budget=None, search_time_limit=10.0):
+    """Compile single-device ``fun`` to the mesh. Decorator or call form.
+
+    ``auto=True`` chooses every layout the annotations leave open by a MILP over the factor
+    rules' strategies (``passes/auto_search.py``); ``memory_budget`` (bytes per device of the
+    step's inputs and outputs) constrains it, ``search_time_limit`` bounds the solver (seconds;
+    the best plan found is used)."""
     def wrap(f):
         return ParallelFunction(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
-                                static_argnums=static_argnums, donate_argnums=donate_argnums, auto=auto)
+                                static_argnums=static_argnums, donate_argnums=donate_argnums, auto=auto,
+                                memory_budget=memory_budget, search_time_limit=search_time_limit)
     return wrap if fun is None else wrap(fun)

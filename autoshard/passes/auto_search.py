@@ -544,7 +544,7 @@ def describe_layers(program) -> dict[str, str]:
     ``{"blocks.0.attn": "Megatron tensor parallel over model (column q,k,v; row out); batch
     over data"}``. A parameter is a program input with a module path (``params['blocks']...``)."""
     from ..compiler.report import layer_of, module_path
-    graph, sizes = program.graph, program.axis_sizes
+    graph = program.graph
     param = {v: module_path(p) for v, p in zip(graph.invars, program.in_paths)
              if module_path(p) and np.issubdtype(np.dtype(v.dtype), np.floating)
              and not re.search(r"\.(mu|nu|count)\b|\[\d+\]\.", p)}

@@ -163,15 +163,50 @@ def _setup(args):
     from .models import get_model, presets
     mesh = make_mesh(args.mesh, devices=jax.devices()[:_mesh_size(args.mesh)])
     model = get_model(args.model)
-    cfg = presets.configure(args.model, model.Config(), args.strategy, tuple(mesh.axis_names))
+    axes = tuple(mesh.axis_names)
+    auto = args.strategy == "auto"
+    cfg = model.Config() if auto else presets.configure(args.model, model.Config(), args.strategy, axes)
     model_def, params = model.init(cfg, seed=0)
     optimizer = model.default_optimizer()
     step = model.make_train_step(model_def, optimizer)
     batch = model.make_batch(cfg, args.batch, seed=0)
-    axes = tuple(mesh.axis_names)
+    if auto:   # only the batch is annotated: its leading dim over the mesh's first axis
+        batch_specs = jax.tree.map(lambda x: jax.sharding.PartitionSpec(axes[0]), batch)
+        return mesh, model, cfg, params, optimizer, step, batch, (None, None, batch_specs)
     param_specs = presets.param_specs(args.model, params, args.strategy, axes, dict(mesh.shape))
     batch_specs = presets.batch_specs(args.model, batch, args.strategy, axes)
     return mesh, model, cfg, params, optimizer, step, batch, (param_specs, None, batch_specs)
+
+
+def _parallel_options(args) -> dict:
+    """``parallelize`` keyword arguments for ``--strategy auto`` (none for presets)."""
+    if getattr(args, "strategy", None) != "auto":
+        return {}
+    options = {"compute_rate": args.compute_rate} if args.compute_rate else {}
+    return {"auto": options or True, "memory_budget": args.memory_budget}
+
+
+def _compare_with_presets(args, rep, mesh, model, step, params, optimizer, batch) -> None:
+    """Print the auto plan's estimated step time next to every preset that fits the mesh."""
+    from . import parallelize
+    from .models import presets
+    axes = tuple(mesh.axis_names)
+    rate = rep.program.search_compute_rate
+    print(f"auto plan against the presets (estimated step: compute at {rate:.3g} points/s per device "
+          f"+ collectives under the link models):")
+    print(f"  auto: {rep.estimated_step_seconds()['total_s'] * 1e3:.3f} ms, "
+          f"{rep.total_wire_bytes / 1024:.1f} KiB on the wire per device")
+    for strategy in presets.strategies(args.model):
+        if not set(presets.required_axes(strategy)) <= set(axes):
+            continue
+        cfg = presets.configure(args.model, model.Config(), strategy, axes)
+        if cfg != model.Config():
+            continue          # sp annotates activations too: not comparable on parameters alone
+        specs = (presets.param_specs(args.model, params, strategy, axes, dict(mesh.shape)), None,
+                 presets.batch_specs(args.model, batch, strategy, axes))
+        other = parallelize(step, mesh=mesh, in_specs=specs).report(params, optimizer.init(params), batch)
+        print(f"  {strategy}: {other.estimated_step_seconds(rate)['total_s'] * 1e3:.3f} ms, "
+              f"{other.total_wire_bytes / 1024:.1f} KiB")
 
 
 def demo(args) -> int:
@@ -185,7 +220,7 @@ def demo(args) -> int:
     multi = distributed.initialize()
     say = print if not multi or jax.process_index() == 0 else (lambda *a, **k: None)
     mesh, model, cfg, params, optimizer, step, batch, in_specs = _setup(args)
-    pstep = parallelize(step, mesh=mesh, in_specs=in_specs)
+    pstep = parallelize(step, mesh=mesh, in_specs=in_specs, **_parallel_options(args))
     opt_state = optimizer.init(params)
     procs = f", {jax.process_count()} processes x {jax.local_device_count()} devices" if multi else ""
     say(f"autoshard demo: {args.model} on mesh {dict(mesh.shape)} ({jax.devices()[0].platform}{procs}), "
@@ -310,8 +345,10 @@ def _model_report(args):
     if getattr(args, "size", None):
         return _size_report(args)
     mesh, model, cfg, params, optimizer, step, batch, in_specs = _setup(args)
-    pstep = parallelize(step, mesh=mesh, in_specs=in_specs)
+    pstep = parallelize(step, mesh=mesh, in_specs=in_specs, **_parallel_options(args))
     rep = pstep.report(params, optimizer.init(params), batch)
+    if args.strategy == "auto":
+        _compare_with_presets(args, rep, mesh, model, step, params, optimizer, batch)
     return rep, {0: "parameters", 1: "optimizer state", 2: "batch"}
 
 
@@ -395,7 +432,13 @@ def main(argv=None) -> int:
         # Literal lists: importing autoshard.models would start JAX before XLA_FLAGS is set.
         p.add_argument("--model", default="gpt", choices=("gpt", "mlp", "moe", "cnn"))
         p.add_argument("--mesh", default="data=2,model=4", help="mesh shape, e.g. data=2,model=4")
-        p.add_argument("--strategy", default="dp_tp", choices=("dp", "fsdp", "tp", "dp_tp", "sp", "ep", "fsdp_tp"))
+        p.add_argument("--strategy", default="dp_tp",
+                       choices=("dp", "fsdp", "tp", "dp_tp", "sp", "ep", "fsdp_tp", "auto"),
+                       help="a preset, or auto: only the batch annotated, the rest chosen by the MILP search")
+        p.add_argument("--compute-rate", type=float, default=None,
+                       help="auto: per-device work rate of the cost model, points per second (default 1e12)")
+        p.add_argument("--memory-budget", type=int, default=None,
+                       help="auto: bytes per device for the step's inputs and outputs")
         p.add_argument("--batch", type=int, default=None, help="global batch (default 8; with --size: "
                                                                 "one sequence per batch shard)")
 

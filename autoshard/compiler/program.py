@@ -69,6 +69,7 @@ class ShardedProgram:
     # auto=True: the strategy the layout search chose per equation, and its statistics.
     auto_assignments: dict[int, tuple] = field(default_factory=dict)
     search: object = None
+    search_compute_rate: float | None = None
 
     @property
     def axis_sizes(self) -> dict[str, int]:

@@ -930,6 +930,8 @@ class ShardingReport:
         p = self.program
         if Layout(r.src.dims) == Layout(r.dst.dims):
             return None                      # a pending reduction, not a conflict
+        if p.search is not None:
+            return None                      # auto: the search chose every reshard, none is a conflict
         moved = (set(r.src.split_axes) ^ set(r.dst.split_axes)) | {
             a for d in range(r.src.rank) for a in set(r.src.dims[d]) ^ set(r.dst.dims[d])}
         v = r.value
@@ -1205,7 +1207,29 @@ class ShardingReport:
                      f"(~{_fmt_time(self.step_time_s)})")
         if self.warnings:
             text += f"; {len(self.warnings)} warning(s)"
+        search = getattr(self.program, "search", None)
+        if search is not None:
+            text += (f"\nauto plan: MILP over {search.nodes} nodes ({search.equations} equations, "
+                     f"{search.edges} coupled edges, {search.variables} variables), axes in order "
+                     f"{', '.join(search.axis_order)}, solved in {search.solve_seconds:.1f} s "
+                     f"({search.status.split('(')[-1].rstrip(')')}); estimated step "
+                     f"{self.estimated_step_seconds()['total_s'] * 1e3:.3f} ms")
+            for layer, words in self.layer_strategies().items():
+                text += f"\n  {layer}: {words}"
         return text
+
+    def layer_strategies(self) -> dict[str, str]:
+        """The strategy of each layer in words, read off its parameters' matmuls
+        (``{"blocks.0.mlp": "Megatron tensor parallel over model (column up; row down); ..."}``)."""
+        from ..passes.auto_search import describe_layers
+        return describe_layers(self.program)
+
+    def estimated_step_seconds(self, compute_rate: float | None = None) -> dict:
+        """Per-device compute plus collective time under the link models: the cost the layout
+        search minimises (``passes/auto_search.estimated_step_seconds``); compares any plans."""
+        from ..passes.auto_search import DEFAULT_POINTS_PER_SECOND, estimated_step_seconds
+        search_rate = getattr(self.program, "search_compute_rate", None)
+        return estimated_step_seconds(self.program, compute_rate or search_rate or DEFAULT_POINTS_PER_SECOND)
 
     # -- terminal rendering (rich) -------------------------------------------------------
     def _renderables(self, max_warnings: int = 20):

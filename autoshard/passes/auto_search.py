@@ -52,6 +52,9 @@ name = "auto_search"
 #: Without a compute term, replicating everything would always look cheapest.
 DEFAULT_POINTS_PER_SECOND = 1e12
 
+#: Sums whose operands may stay partial: the sum is reduced once instead of each operand.
+_SUMS = ("add_any", "add")
+
 
 @dataclasses.dataclass
 class SearchStats:
@@ -64,6 +67,7 @@ class SearchStats:
     status: str
     memory_bytes: float | None
     axis_order: tuple = ()
+    candidates: tuple = ()     # (axis order, MILP objective) of every plan found
 
 
 # ------------------------------------------------------------------------ strategies
@@ -204,11 +208,50 @@ def _state_pairs(program) -> dict:
     return pairs
 
 
+def _lazy_partials(program, nodes, node_of_eqn, choice, axis_sizes, producer) -> set:
+    """Partial results whose every consumer is a sum of operands partial in the same way (the
+    gradients of q, k and v summed into one): they stay partial and the sum is reduced once.
+    The search priced a reduction per operand, so the plan only gets cheaper."""
+    made = {}
+    for e, key in node_of_eqn.items():
+        if e.subgraphs:
+            continue
+        fr, s = program.rules[e.index], nodes[key].strategies[choice[key]]
+        for j, o in enumerate(e.outvars):
+            made[o] = _result_layout(fr, s, j, axis_sizes)
+    users = defaultdict(list)
+    for e in program.graph.eqns:
+        for v in e.invars:
+            users[v].append(e)
+    outputs = set(program.graph.outvars)
+    lazy = set()
+    for v, lay in made.items():
+        if not lay.partial or v in outputs or not users[v]:
+            continue
+        if all(c.prim.name in _SUMS and all(
+                not w.is_const and w in made and made[w] == lay for w in c.invars) for c in users[v]):
+            lazy.add(v)
+    return lazy
+
+
+def _without_axis(strategy, axis):
+    """An assignment or input layout with ``axis`` taken out (to search it again)."""
+    if isinstance(strategy, Layout):
+        return Layout(tuple(tuple(a for a in d if a != axis) for d in strategy.dims))
+    return tuple(tuple(a for a in ax if a != axis) for ax in strategy)
+
+
 def _points(fr, s, axis_sizes) -> float:
     return math.prod(float(-(-size // math.prod(axis_sizes[a] for a in ax))) for size, ax in zip(fr.sizes, s))
 
 
-def _build(program, axis_sizes, links, axis, base, compute_rate, labels):
+def _signature_ids(program) -> dict:
+    """Each equation's signature as a small int (equal signatures, equal ids)."""
+    interned: dict = {}
+    return {e: interned.setdefault(_signature(e), len(interned)) for e in program.graph.eqns}
+
+
+def _build(program, axis_sizes, links, axis, base, compute_rate, labels, sig_ids):
     """The problem for mesh axis ``axis``, the axes before it fixed as ``base`` (node key ->
     chosen assignment or input layout)."""
     graph = program.graph
@@ -243,10 +286,10 @@ def _build(program, axis_sizes, links, axis, base, compute_rate, labels):
             derive = _follower(fr, i, layout_of_operand, axis_sizes)
             followers[e] = (root, derive, i)
             node_of_value[e.outvars[0]] = (root, lambda k, d=derive: d(k)[1])
-            chain[e.outvars[0]] = chain[e.invars[i]] + (_signature(e),)
+            chain[e.outvars[0]] = chain[e.invars[i]] + (sig_ids[e],)
             continue
         lab = labels.get(e.outvars[0], "") if e.outvars else ""
-        sig = _signature(e)
+        sig = sig_ids[e]
         rank[(lab, sig)] += 1
         key = ("eqn", _normalized(lab), sig, rank[(lab, sig)])
         if key not in nodes:
@@ -411,18 +454,17 @@ def _solve(nodes, edges, memory_budget, time_limit):
     for a, b, matrix in pairs:                        # y[s, t] = x_a[s] x_b[t]
         m, k2 = matrix.shape
         c[y:y + m * k2] = matrix.ravel()
-        for s in range(m):
-            for t in range(k2):
-                rows.append(r), cols.append(y + s * k2 + t), vals.append(1.0)
-            rows.append(r), cols.append(offset[a] + s), vals.append(-1.0)
-            lb.append(0.0), ub.append(0.0)
-            r += 1
-        for t in range(k2):
-            for s in range(m):
-                rows.append(r), cols.append(y + s * k2 + t), vals.append(1.0)
-            rows.append(r), cols.append(offset[b] + t), vals.append(-1.0)
-            lb.append(0.0), ub.append(0.0)
-            r += 1
+        ys = y + np.arange(m * k2).reshape(m, k2)
+        # Row s: sum_t y[s, t] - x_a[s] = 0; then column t: sum_s y[s, t] - x_b[t] = 0.
+        row_ids = r + np.repeat(np.arange(m), k2)
+        col_ids = r + m + np.tile(np.arange(k2), m)
+        rows.extend(row_ids.tolist()), cols.extend(ys.ravel().tolist()), vals.extend([1.0] * (m * k2))
+        rows.extend(col_ids.tolist()), cols.extend(ys.ravel().tolist()), vals.extend([1.0] * (m * k2))
+        rows.extend(range(r, r + m)), cols.extend(range(offset[a], offset[a] + m)), vals.extend([-1.0] * m)
+        rows.extend(range(r + m, r + m + k2)), cols.extend(range(offset[b], offset[b] + k2))
+        vals.extend([-1.0] * k2)
+        lb.extend([0.0] * (m + k2)), ub.extend([0.0] * (m + k2))
+        r += m + k2
         y += m * k2
     if memory_budget is not None:
         for k in keys:
@@ -456,45 +498,80 @@ def run(program, memory_budget=None, time_limit=10.0, compute_rate=DEFAULT_POINT
     links = {a: mesh.link(a) for a in mesh.axis_names}
     for eqn in program.graph.all_eqns():
         program.rules[eqn.index] = get_rule(eqn).factors(eqn)
+    labels = _labels(program)
+    sig_ids = _signature_ids(program)
+    solve_limit = time_limit / (4 * max(1, len(axis_sizes)))
     # One MILP per mesh axis, the axes before it fixed: each axis adds "none, or one factor"
     # to every node's strategy, so a problem has a few strategies per node instead of their
-    # product. Both axis orders are solved; the cheaper final plan is kept.
-    labels = _labels(program)
+    # product. Both axis orders are solved, then each axis again with the others fixed
+    # (coordinate descent); every plan found is a candidate.
     orders = [list(axis_sizes)] + ([list(reversed(axis_sizes))] if len(axis_sizes) > 1 else [])
-    best, failures = None, []
+    candidates, failures, stats = [], [], []
     for order in orders:
-        base, stats = {}, []
+        base = {}
         try:
             for n, axis in enumerate(order):
-                built = _build(program, axis_sizes, links, axis, base, compute_rate, labels)
-                nodes = built[0]
+                built = _build(program, axis_sizes, links, axis, base, compute_rate, labels, sig_ids)
                 # The axes after this one can divide the memory further by at most their size.
                 later = math.prod(axis_sizes[a] for a in order[n + 1:])
                 budget = None if memory_budget is None else memory_budget * later
-                choice, objective, status, n_pairs, n_vars, memory = _solve(
-                    nodes, built[4], budget, time_limit / (len(orders) * len(order)))
-                base = {k: nodes[k].strategies[c] for k, c in choice.items()}
-                stats.append((n_pairs, n_vars, status))
+                solved = _solve(built[0], built[4], budget, solve_limit)
+                base = {k: built[0][k].strategies[c] for k, c in solved[0].items()}
+                stats.append(solved[2:5])
         except NoFeasiblePlanError as e:
             failures.append(f"axes in order {order}: {e}")
             continue
-        if best is None or objective < best[0]:
-            best = (objective, order, built, choice, stats, memory)
-    if best is None:
+        candidates.append((order, built, solved, base))
+    if len(axis_sizes) > 1 and candidates:
+        order, built, solved, base = min(candidates, key=lambda c: c[2][1])
+        objective = solved[1]
+        for _ in range(1):
+            improved = False
+            for axis in order:
+                trial_base = {k: _without_axis(v, axis) for k, v in base.items()}
+                trial = _build(program, axis_sizes, links, axis, trial_base, compute_rate, labels, sig_ids)
+                try:
+                    t_solved = _solve(trial[0], trial[4], memory_budget, solve_limit)
+                except NoFeasiblePlanError:
+                    continue
+                stats.append(t_solved[2:5])
+                if t_solved[1] < objective * (1 - 1e-9):
+                    objective, base, improved = t_solved[1], {
+                        k: trial[0][k].strategies[c] for k, c in t_solved[0].items()}, True
+                    candidates.append((order, trial, t_solved, base))
+            if not improved:
+                break
+    if not candidates:
         raise NoFeasiblePlanError(
             "the layout search found no plan within memory_budget="
             f"{memory_budget:,} bytes per device (" + "; ".join(f.splitlines()[0] for f in failures) + ")",
             fix="raise memory_budget (per-device bytes of the step's inputs and outputs), use a "
                 "larger mesh, or annotate fewer values")
-    objective, order, built, choice, stats, memory = best
+    # The cheapest plan by the MILP's own objective (the cost of the executed plan, except
+    # that sums of like partials are reduced once there: see _lazy_partials).
+    order, built, solved, _ = min(candidates, key=lambda c: c[2][1])
+    costs = [(tuple(c[0]), c[2][1]) for c in candidates]
+    _materialize(program, built, solved[0], axis_sizes)
+    choice, objective, status, n_pairs, n_vars, memory = solved
+    program.search_compute_rate = compute_rate
+    program.search = SearchStats(
+        nodes=len(built[0]), equations=len(built[1]), edges=max(s[1] for s in stats), axis_order=tuple(order),
+        variables=max(s[2] for s in stats), solve_seconds=time.perf_counter() - t0,
+        objective=objective, status=str(status), memory_bytes=memory, candidates=tuple(costs))
+    return program
+
+
+def _materialize(program, built, choice, axis_sizes):
+    """Write the chosen plan into the program: layouts (pinned), provenance, strategies."""
     nodes, node_of_eqn, node_of_input, node_of_value, edges, pairs = built
-    n_pairs, n_vars, status = max(s[0] for s in stats), max(s[1] for s in stats), stats[-1][2]
     producer = {o: e for e in program.graph.eqns for o in e.outvars}
+    lazy = _lazy_partials(program, nodes, node_of_eqn, choice, axis_sizes, producer)
     for v, (key, layout_of) in node_of_value.items():
         if v in program.closed:
             continue
         program.layouts[v] = layout_of(choice[key]).without_partial()
-        program.closed.add(v)
+        if v not in lazy:
+            program.closed.add(v)
         n = len(nodes[key].strategies)
         if v in node_of_input:
             detail = f"layout search (MILP): input layout chosen among {n}"
@@ -510,10 +587,6 @@ def run(program, memory_budget=None, time_limit=10.0, compute_rate=DEFAULT_POINT
     for k, w in enumerate(program.graph.outvars):
         if program.out_specs[k] is None and pairs.get(w) in node_of_input:
             program.out_specs[k] = program.layouts[pairs[w]]
-    program.search = SearchStats(nodes=len(nodes), equations=len(node_of_eqn), edges=n_pairs, axis_order=tuple(order),
-                                 variables=n_vars, solve_seconds=time.perf_counter() - t0,
-                                 objective=objective, status=str(status), memory_bytes=memory)
-    return program
 
 
 def _strategy_text(fr, s) -> str:
@@ -559,6 +632,7 @@ def describe_layers(program) -> dict[str, str]:
                 continue
             seen.add(v)
             mp = param[v]
+            phrases.setdefault(layer_of(mp), [])
             name = mp.rsplit(".", 1)[-1]
             mine = {f for d in fr.operands[i] for f in d}
             other = {f for d in fr.operands[1 - i] for f in d}
@@ -595,5 +669,5 @@ def describe_layers(program) -> dict[str, str]:
             words.append(f"batch over {a}")
         for a in sorted({a for a, _ in by("stored")}):
             words.append(f"parameters stored split over {a}, gathered for use (ZeRO-3)")
-        out[layer] = "; ".join(words) if words else "replicated"
+        out[layer] = "; ".join(words) if words else "replicated: every device computes the whole layer"
     return out

@@ -201,7 +201,9 @@ class _Placer:
         for t, q in zip(tensors, parts):
             t.keep_partial = q if keep else ()
         best = p.auto_assignments.get(eqn.index)          # the layout search's strategy
-        if best is None or passed:
+        if best is not None and {a for ax in best for a in ax} & {a for a, _ in passed}:
+            best = None                                    # it splits an axis the partial holds
+        if best is None:
             best = choose(fr, tensors, self.sizes, self.links, reserved={a for a, _ in passed},
                           passed_partial=passed).assignment
         p.assignments[eqn.index] = best

@@ -54,7 +54,7 @@ import math
 import platform
 import statistics
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from typing import Any
 
 import jax
@@ -180,6 +180,13 @@ def _compiled_numbers(compiled, mesh, compile_s: float, run, repeats: int) -> Me
                     step_s=_median_step_seconds(run, repeats))
 
 
+def _timed(fn):
+    """``(fn(), seconds it took)``."""
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
 def _median_step_seconds(run, repeats: int = 5) -> float:
     if repeats <= 0:
         return float("nan")
@@ -217,12 +224,8 @@ def measure(model: str, mesh_shape: dict, strategy: str, *, config: dict | None 
 
     # autoshard: pass time is trace + passes + lowering to StableHLO; XLA compiles after.
     pf = parallelize(step, mesh=mesh, in_specs=(pspecs, None, bspecs))
-    t0 = time.perf_counter()
-    lowered = pf.lower(*args)
-    pass_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    compiled = lowered.compile()
-    ours_compile_s = time.perf_counter() - t0
+    lowered, pass_s = _timed(lambda: pf.lower(*args))
+    compiled, ours_compile_s = _timed(lowered.compile)
     shardings = tuple(pf.input_shardings(*args))
     placed = jax.device_put(args, shardings)
     flat = jax.tree.leaves(placed)
@@ -233,16 +236,9 @@ def measure(model: str, mesh_shape: dict, strategy: str, *, config: dict | None 
                                        is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
     in_shardings = (named(pspecs), shardings[1], named(bspecs))
     with jax.set_mesh(mesh):
-        jitted = jax.jit(step, in_shardings=in_shardings)
-        t0 = time.perf_counter()
-        jit_lowered = jitted.lower(*args)
-        jit_lower_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        jit_compiled = jit_lowered.compile()
-        jit_compile_s = time.perf_counter() - t0
+        jit_compiled, jit_compile_s = _timed(jax.jit(step, in_shardings=in_shardings).lower(*args).compile)
     jit_placed = jax.device_put(args, in_shardings)
     baseline = _compiled_numbers(jit_compiled, mesh, jit_compile_s, lambda: jit_compiled(*jit_placed), repeats)
-    del jit_lower_s
 
     return Row(model=model, mesh=dict(mesh_shape), strategy=strategy, ours=ours, jit=baseline,
                pass_s=pass_s,
@@ -496,6 +492,70 @@ def single_device_row(layers: int = 12) -> dict:
             "jit_mfu": mfu(jit_s)}
 
 
+# ----------------------------------------------------------------------------- auto=True
+
+def auto_rows(layers=(12, 24), rates=(None, 1e10)) -> list[dict]:
+    """GPT with only the batch annotated on data=2,model=4: the auto plan against every preset
+    under the same cost model (estimated step: compute at ``rate`` + collectives), its wire
+    bytes from the compiled HLO, and the search time per depth."""
+    from jax.sharding import PartitionSpec as P
+
+    from . import make_mesh, parallelize
+    from .models import get_model, presets
+    from .passes.auto_search import estimated_step_seconds
+    from .runtime.hlo import parse_collectives
+    mesh = make_mesh({"data": 2, "model": 4})
+    axes = tuple(mesh.axis_names)
+    m = get_model("gpt")
+    out = []
+    for n_layers in layers:
+        cfg = m.Config(**{**BENCH_CONFIGS["gpt"], "n_layers": n_layers})
+        model_def, params = m.init(cfg, seed=0)
+        optimizer = m.default_optimizer()
+        args = (params, optimizer.init(params), m.make_batch(cfg, BENCH_BATCH["gpt"], seed=0))
+        step = m.make_train_step(model_def, optimizer)
+        for rate in rates:
+            auto = {"compute_rate": rate} if rate else True
+            pf = parallelize(step, mesh=mesh, in_specs=(None, None, {"tokens": P("data", None),
+                                                                       "labels": P("data", None)}),
+                             auto=auto)
+            program = pf.program(*args)
+            rate = program.search_compute_rate
+            row = {"layers": n_layers, "rate": rate, "solve_s": program.search.solve_seconds,
+                   "nodes": program.search.nodes, "variables": program.search.variables,
+                   "auto_s": estimated_step_seconds(program, rate)["total_s"],
+                   "auto_bytes": sum(c.wire_bytes for c in parse_collectives(
+                       pf.lower(*args).compile().as_text(), mesh))}
+            if n_layers == layers[0]:
+                for strategy in ("dp", "fsdp", "tp", "dp_tp"):
+                    specs = (presets.param_specs("gpt", params, strategy, axes, dict(mesh.shape)), None,
+                             presets.batch_specs("gpt", args[2], strategy, axes))
+                    other = parallelize(step, mesh=mesh, in_specs=specs)
+                    row[f"{strategy}_s"] = estimated_step_seconds(other.program(*args), rate)["total_s"]
+                    row[f"{strategy}_bytes"] = other.report(*args).total_wire_bytes
+            out.append(row)
+    return out
+
+
+def auto_markdown(rows: list[dict]) -> list[str]:
+    lines = ["", "## auto=True against the presets", "",
+             "GPT (benchmark size) with only the batch annotated, mesh data=2,model=4. Estimated "
+             "step = per-device compute at the rate shown + collectives (alpha-beta, 5 us, 100 GB/s); "
+             "the same model prices the presets. Bytes: auto from the compiled HLO, presets from "
+             "their reports (equal to their HLO, see the table above).", "",
+             "| layers | compute rate | search s | nodes | MILP variables | auto ms | auto KiB "
+             "| dp ms | fsdp ms | tp ms | dp_tp ms | best preset KiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        presets_ms = [f"{r[s + '_s'] * 1e3:.3f}" if s + "_s" in r else "-" for s in ("dp", "fsdp", "tp", "dp_tp")]
+        best = min((s for s in ("dp", "fsdp", "tp", "dp_tp") if s + "_s" in r), key=lambda s: r[s + "_s"],
+                   default=None)
+        lines.append(f"| {r['layers']} | {r['rate']:.0e} | {r['solve_s']:.2f} | {r['nodes']} | {r['variables']} "
+                     f"| {r['auto_s'] * 1e3:.3f} | {r['auto_bytes'] / 1024:.1f} | " + " | ".join(presets_ms)
+                     + f" | {'-' if best is None else f'{best}: ' + format(r[best + '_bytes'] / 1024, '.1f')} |")
+    return lines
+
+
 # ----------------------------------------------------------------------------- the run
 
 #: Why a row moves more bytes than jax.jit, keyed (model, strategy); filled from the run's
@@ -506,8 +566,9 @@ SCALING_LAYERS = (2, 4, 8, 16, 32, 64)
 
 
 def run(models=None, meshes=MESHES, strategies=None, scaling_layers=SCALING_LAYERS,
-        reference_layers: int = 12, progress=print) -> dict:
-    """Measure everything; returns ``{"rows", "scaling", "reference", "single", "checks"}``."""
+        reference_layers: int = 12, progress=print, auto_layers=(12, 24)) -> dict:
+    """Measure everything; returns ``{"rows", "scaling", "reference", "single", "auto",
+    "checks"}``."""
     rows = []
     for model, shape, strategy in rows_to_measure(models, meshes, strategies):
         progress(f"  {model} {shape} {strategy} ...")
@@ -522,12 +583,39 @@ def run(models=None, meshes=MESHES, strategies=None, scaling_layers=SCALING_LAYE
     if reference_layers:
         progress(f"  {reference_layers}-layer gpt: passes against XLA compile ...")
         reference = scaling_point(reference_layers, {"data": 2, "model": 4}, compile_too=True)
+    auto = []
+    if auto_layers:
+        progress(f"  auto=True on gpt with {auto_layers} layers ...")
+        auto = auto_rows(tuple(auto_layers))
     single = None
     if jax.devices()[0].platform == "gpu":
         progress("  one GPU: step time against jax.jit ...")
         single = single_device_row(reference_layers or 12)
+    found = checks(rows, scaling, reference)
+    found += auto_checks(auto)
     return {"rows": rows, "scaling": scaling, "reference": reference, "single": single,
-            "checks": checks(rows, scaling, reference)}
+            "auto": auto, "checks": found}
+
+
+def auto_checks(rows: list[dict]) -> list[Check]:
+    out = []
+    for r in rows:
+        if "tp_s" in r:
+            best = min(r[s + "_s"] for s in ("dp", "fsdp", "tp", "dp_tp"))
+            out.append(Check(f"auto on {r['layers']}-layer GPT at {r['rate']:.0e} points/s: estimated "
+                             f"step <= the best preset's", r["auto_s"] <= best * (1 + 1e-9),
+                             f"auto {r['auto_s'] * 1e3:.3f} ms, best preset {best * 1e3:.3f} ms "
+                             f"({r['auto_s'] / best - 1:+.1%})"))
+    by_rate = defaultdict(dict)
+    for r in rows:
+        by_rate[r["rate"]][r["layers"]] = r["solve_s"]
+    for rate, times in by_rate.items():
+        if len(times) >= 2:
+            small, large = min(times), max(times)
+            out.append(Check(f"auto search time at {rate:.0e}: {large} layers <= 10 s and <= 2x {small} layers",
+                             times[large] <= 10 and times[large] <= 2 * times[small],
+                             f"{times[small]:.2f} s for {small} layers, {times[large]:.2f} s for {large}"))
+    return out
 
 
 def results_markdown(result: dict, command: str) -> str:
@@ -570,6 +658,8 @@ def results_markdown(result: dict, command: str) -> str:
         parts += ["", f"{reference.layers}-layer GPT ({reference.equations:,} equations): passes "
                   f"{reference.passes_s:.2f} s, front end {reference.front_end_s:.2f} s, XLA compile "
                   f"{reference.compile_s:.2f} s."]
+    if result.get("auto"):
+        parts += auto_markdown(result["auto"])
     parts += ["", "## GPU", ""]
     single = result.get("single")
     if single is None:

@@ -404,6 +404,8 @@ def _bench_parser(sub):
                    help="GPT depths for the pass-time scaling study (none: skip it)")
     b.add_argument("--reference-layers", type=int, default=12,
                    help="GPT depth for passes against XLA compile time (0: skip)")
+    b.add_argument("--auto-layers", type=int, nargs="*", default=[12, 24],
+                   help="GPT depths for auto=True against the presets and its search time (none: skip)")
 
 
 def bench(args) -> int:
@@ -412,7 +414,7 @@ def bench(args) -> int:
     command = "autoshard bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "autoshard bench"
     result = benchmark.run(models=args.models, meshes=tuple(args.meshes), strategies=args.strategies,
                            scaling_layers=tuple(args.scaling_layers),
-                           reference_layers=args.reference_layers,
+                           reference_layers=args.reference_layers, auto_layers=tuple(args.auto_layers),
                            progress=lambda line: print(line, flush=True))
     os.makedirs(args.out, exist_ok=True)
     markdown = benchmark.results_markdown(result, command.strip())

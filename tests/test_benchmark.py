@@ -16,7 +16,8 @@ GPT_SMALL = dict(vocab_size=64, d_model=32, n_heads=8, n_layers=2, seq_len=8)
 
 @pytest.mark.parametrize("strategy,mesh", [
     ("dp", {"data": 8}), ("fsdp", {"data": 8}), ("tp", {"model": 8}),
-    ("tp", {"data": 2, "model": 4}), ("dp_tp", {"data": 2, "model": 4})])
+    pytest.param("tp", {"data": 2, "model": 4}, marks=pytest.mark.slow),
+    pytest.param("dp_tp", {"data": 2, "model": 4}, marks=pytest.mark.slow)])
 def test_gpt_wire_bytes_equal_the_analytic_bytes_and_beat_jit(strategy, mesh):
     # fsdp at the benchmark's size: at this test's tiny size some activations are smaller than
     # the weights they meet, and autoshard rightly all-to-alls them instead (below ZeRO-3's bytes).
@@ -44,7 +45,8 @@ def test_analytic_tp_counts_the_megatron_all_reduces():
 
 def test_bench_command_writes_results(tmp_path):
     code = main(["bench", "--models", "mlp", "--strategies", "dp", "tp", "--meshes", "8",
-                 "--scaling-layers", "2", "4", "6", "--reference-layers", "0", "--out", str(tmp_path)])
+                 "--scaling-layers", "2", "4", "6", "--reference-layers", "0", "--auto-layers",
+                 "--out", str(tmp_path)])
     text = (tmp_path / "RESULTS.md").read_text()
     assert "Command: `autoshard bench" in text and "| mlp | data=8 | dp |" in text
     assert "## Pass time against program size" in text

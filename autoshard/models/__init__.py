@@ -40,7 +40,7 @@ import optax
 from flax import nnx
 
 __all__ = ["MODEL_NAMES", "ModelDef", "get_model", "model_registry",
-           "split_params", "merge_params", "functional_train_step"]
+           "split_params", "merge_params", "functional_train_step", "cross_entropy", "adamw"]
 
 #: Names accepted by :func:`get_model` and by the presets.
 MODEL_NAMES = ("gpt", "mlp", "moe", "cnn")
@@ -119,6 +119,20 @@ def functional_train_step(loss_fn: Callable[[ModelDef, dict, dict], jax.Array],
         return loss, new_params, new_opt_state
 
     return step
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int) -> jax.Array:
+    """Mean softmax cross-entropy in f32, via one-hot labels: a dot rather than a gather, which
+    shards over the class (vocabulary) dim like any contraction."""
+    import jax.numpy as jnp
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    onehot = jax.nn.one_hot(labels, num_classes, dtype=logp.dtype)
+    return -jnp.mean(jnp.sum(onehot * logp, axis=-1))
+
+
+def adamw(lr: float = 1e-3) -> optax.GradientTransformation:
+    """The reference models' optimizer: ``optax.adamw(lr, weight_decay=0.01)``."""
+    return optax.adamw(lr, weight_decay=0.01)
 
 
 def get_model(name: str) -> types.SimpleNamespace:

@@ -80,7 +80,8 @@ import optax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from autoshard.models import ModelDef, functional_train_step, merge_params, split_params
+from autoshard.models import (ModelDef, adamw, cross_entropy, functional_train_step, merge_params,
+                              split_params)
 from autoshard.models.presets import (DATA_AXIS, MODEL_AXIS, _axis_size, _check_axes,
                                       _check_strategy, _data_axis_if_present, _fsdp_spec,
                                       _map_with_path, _split_dim)
@@ -237,9 +238,7 @@ def loss_fn(model_def: ModelDef, params: dict, batch: dict) -> jax.Array:
     """
     model = merge_params(model_def, params)
     logits = model(batch["images"])
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    onehot = jax.nn.one_hot(batch["labels"], model_def.config.num_classes, dtype=logp.dtype)
-    return -jnp.mean(jnp.sum(onehot * logp, axis=-1))
+    return cross_entropy(logits, batch["labels"], model_def.config.num_classes)
 
 
 def make_train_step(model_def: ModelDef, optimizer: optax.GradientTransformation):
@@ -252,7 +251,7 @@ def make_train_step(model_def: ModelDef, optimizer: optax.GradientTransformation
 
 def default_optimizer(lr: float = 1e-3) -> optax.GradientTransformation:
     """``optax.adamw(lr, weight_decay=0.01)``."""
-    return optax.adamw(lr, weight_decay=0.01)
+    return adamw(lr)
 
 
 # ----------------------------------------------------------------- presets

@@ -38,7 +38,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from autoshard.models import ModelDef, functional_train_step, merge_params, split_params
+from autoshard.models import (ModelDef, adamw, cross_entropy, functional_train_step, merge_params,
+                              split_params)
 
 __all__ = ["GPTConfig", "Config", "GPT", "init", "make_batch", "loss_fn",
            "make_train_step", "default_optimizer"]
@@ -248,10 +249,7 @@ def loss_fn(model_def: ModelDef, params: dict, batch: dict) -> jax.Array:
     """
     model = merge_params(model_def, params)
     logits = model(batch["tokens"])
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    # one_hot keeps the loss gather-free, which is easier to shard over vocab.
-    onehot = jax.nn.one_hot(batch["labels"], model_def.config.vocab_size, dtype=logp.dtype)
-    return -jnp.mean(jnp.sum(onehot * logp, axis=-1))
+    return cross_entropy(logits, batch["labels"], model_def.config.vocab_size)
 
 
 def make_train_step(model_def: ModelDef, optimizer: optax.GradientTransformation):
@@ -264,7 +262,7 @@ def make_train_step(model_def: ModelDef, optimizer: optax.GradientTransformation
 
 def default_optimizer(lr: float = 1e-3) -> optax.GradientTransformation:
     """``optax.adamw(lr, weight_decay=0.01)``."""
-    return optax.adamw(lr, weight_decay=0.01)
+    return adamw(lr)
 
 
 # ----------------------------------------------------------------- planning at scale

@@ -73,7 +73,8 @@ import optax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from autoshard.models import ModelDef, functional_train_step, merge_params, split_params
+from autoshard.models import (ModelDef, adamw, cross_entropy, functional_train_step, merge_params,
+                              split_params)
 from autoshard.errors import SpecError
 from autoshard.models import gpt
 from autoshard.models.presets import (DATA_AXIS, EXPERT_AXIS, MODEL_AXIS, _axis_size,
@@ -271,9 +272,8 @@ def loss_fn(model_def: ModelDef, params: dict, batch: dict) -> jax.Array:
     load-balancing loss."""
     model = merge_params(model_def, params)
     logits, aux = model(batch["tokens"])
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    onehot = jax.nn.one_hot(batch["labels"], model_def.config.vocab_size, dtype=logp.dtype)
-    return -jnp.mean(jnp.sum(onehot * logp, axis=-1)) + model_def.config.aux_loss_coef * aux
+    return (cross_entropy(logits, batch["labels"], model_def.config.vocab_size)
+            + model_def.config.aux_loss_coef * aux)
 
 
 def router_probs(model_def: ModelDef, params: dict, batch: dict) -> list[jax.Array]:
@@ -289,7 +289,7 @@ def make_train_step(model_def: ModelDef, optimizer: optax.GradientTransformation
 
 def default_optimizer(lr: float = 1e-3) -> optax.GradientTransformation:
     """``optax.adamw(lr, weight_decay=0.01)``."""
-    return optax.adamw(lr, weight_decay=0.01)
+    return adamw(lr)
 
 
 # ----------------------------------------------------------------- presets

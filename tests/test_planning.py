@@ -24,8 +24,9 @@ STRATEGIES = ("dp", "fsdp", "tp", "dp_tp")
 
 # Pairs whose step-memory estimate is not yet within 10% of memory_analysis(): XLA CPU keeps
 # more temporaries there than the fusion model predicts (estimate / XLA total measured:
-# gpt fsdp 0.72, gpt tp 0.57). See README "Planning without devices".
-MEMORY_XFAIL = {("gpt", "fsdp"), ("gpt", "tp")}
+# gpt tp 0.83: the backward recomputes from forward values XLA keeps whole, e.g. the FFN's
+# pre-GELU dot output and its tanh). See README "Planning without devices".
+MEMORY_XFAIL = {("gpt", "tp")}
 
 
 def _plan(cfg, mesh, strategy, batch_size, optimizer=None):

@@ -77,7 +77,9 @@ _FUSIBLE = {"neg", "sign", "floor", "ceil", "round", "is_finite", "exp", "exp2",
             "add", "add_any", "sub", "mul", "div", "rem", "pow", "max", "min", "and", "or", "xor", "eq",
             "ne", "lt", "le", "gt", "ge", "atan2", "select_n", "clamp", "convert_element_type",
             "broadcast_in_dim", "reshape", "squeeze", "expand_dims", "iota", "transpose"}
-_ABSORB = _FUSIBLE | {"reduce_sum", "reduce_max", "reduce_min", "argmax", "argmin"}
+_REDUCE = {"reduce_sum", "reduce_max", "reduce_min", "argmax", "argmin"}
+_ABSORB = _FUSIBLE | _REDUCE
+_YNN_REDUCE_MIN_ELEMENTS = 4096
 
 # Ops through which a parameter is still "the parameter" (for implicit-all-gather warnings).
 _PASS_THROUGH = {"convert_element_type", "transpose", "reshape", "copy", "copy_p", "squeeze",
@@ -619,6 +621,16 @@ class ShardingReport:
                     if not v.is_const:
                         users.setdefault(v, []).append(e)
             outs = set(graph.outvars)
+            def local_elements(v):
+                return self._local_bytes(v, p.final_layout(v)) // np.dtype(v.dtype).itemsize
+
+            # Reductions XLA CPU hands to YNNPACK (operands of _YNN_REDUCE_MIN_ELEMENTS or more):
+            # they fuse at most the one product that feeds them, so what feeds that product (or
+            # the reduction itself) is materialized. Smaller reductions fuse their producers.
+            big = {e for e in graph.eqns if e.prim.name in _REDUCE and e.invars
+                   and local_elements(e.invars[0]) >= _YNN_REDUCE_MIN_ELEMENTS}
+            into_reduce = {e for e in graph.eqns for o in e.outvars
+                           if e.prim.name == "mul" and users.get(o) and all(u in big for u in users[o])}
             for e in graph.eqns:
                 for o in e.outvars:
                     us = users.get(o, ())
@@ -628,11 +640,21 @@ class ShardingReport:
                         keep = True          # loop outputs, collective operands
                     elif not us:
                         keep = False
+                    elif e in into_reduce:
+                        keep = False        # the one product a big reduction fuses
                     else:
-                        keep = not (e.prim.name in _FUSIBLE and all(u.prim.name in _ABSORB for u in us))
+                        keep = not (e.prim.name in _FUSIBLE and all(
+                            u.prim.name in _ABSORB and u not in big and u not in into_reduce for u in us))
                     size[o] = self._local_bytes(o, p.final_layout(o)) if keep else 0
                 for sub in e.subgraphs:
                     visit(sub, False)
+            # A product fused into a reduction takes its operands whole: one broadcast to the
+            # product's shape is materialized, and kept as long as the operand it broadcasts.
+            for u in into_reduce:
+                full = self._local_bytes(u.outvars[0], p.final_layout(u.outvars[0]))
+                for v in u.invars:
+                    if not v.is_const and v.shape != u.outvars[0].shape and not (top and v in top_io):
+                        size[v] = max(size.get(v, 0), full)
         visit(p.graph, True)
         self._mat_cache = size
         return size
@@ -643,12 +665,28 @@ class ShardingReport:
         a loop's body peak (one iteration) at the loop."""
         p, size = self.program, self._materialized()
         temps: dict = {}
+        # XLA makes one collective result per (value, layout) and keeps it from its first
+        # consumer to its last (e.g. an all-gathered weight, from forward into backward).
+        uses: dict = {}
+        for e in self._eqns:
+            for k, v in enumerate(e.invars):
+                uses.setdefault((id(v), p.operand_layouts.get((e.index, k))), []).append(e.index)
+        spans: dict = {}
         for r in p.reshards:
             if r.value in p.post and p.post[r.value] == r.dst:
                 continue
             i = self._consumer_index(r)
             if i is not None and any(t.is_collective for t in r.transforms):
-                temps[i] = temps.get(i, 0) + self._local_bytes(r.value, r.dst)
+                at = uses.get((id(r.value), r.dst), [i])
+                spans[(id(r.value), r.dst)] = (min(at), max(at), self._local_bytes(r.value, r.dst))
+        if spans:
+            delta = np.zeros(max(hi for _, hi, _ in spans.values()) + 2, dtype=np.int64)
+            for lo, hi, b in spans.values():
+                delta[lo] += b
+                delta[hi + 1] -= b
+            running = np.cumsum(delta)
+            for i in np.nonzero(running)[0]:
+                temps[int(i)] = int(running[i])
 
         def peak_of(graph):
             last = {}

@@ -221,8 +221,13 @@ def required_layout(t: Tensor, assignment, rule, axis_sizes, result_partial) -> 
 
 
 def result_partial(assignment, rule) -> tuple:
-    return tuple(sorted((a, rule.kinds[f]) for f, axes in enumerate(assignment)
-                        if rule.kinds[f] in ("sum", "max", "min") for a in axes))
+    return _result_partial(assignment, rule.kinds)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _result_partial(assignment, kinds) -> tuple:
+    return tuple(sorted((a, kinds[f]) for f, axes in enumerate(assignment)
+                        if kinds[f] in ("sum", "max", "min") for a in axes))
 
 
 def assignment_cost(assignment, rule, tensors, axis_sizes, links, passed_partial=()):

@@ -235,7 +235,8 @@ def test_specs_match_structure_rank_and_mesh(setup, strategy):
 def test_dp_and_fsdp_layouts(setup):
     name, _, _, _, params, _, batch = setup
     if name not in ("gpt", "mlp"):
-        pytest.skip(f"{name} owns its presets; tests/test_{name}.py checks them")
+        own = {"moe": "tests/test_moe.py", "cnn": "tests/test_cnn_model.py"}[name]
+        pytest.skip(f"{name} owns its presets (ep, spatial sp, channel tp); {own} checks them")
     dp = param_specs(name, params, "dp", ("data",), {"data": 8})
     assert all(s == P() for s in jax.tree.leaves(dp, is_leaf=_is_p))
     fsdp = param_specs(name, params, "fsdp", ("data",), {"data": 8})

@@ -232,11 +232,11 @@ def test_specs_match_structure_rank_and_mesh(setup, strategy):
                     assert np.shape(x)[dim] % size == 0, (path, spec)
 
 
-def test_dp_and_fsdp_layouts(setup):
-    name, _, _, _, params, _, batch = setup
-    if name not in ("gpt", "mlp"):
-        own = {"moe": "tests/test_moe.py", "cnn": "tests/test_cnn_model.py"}[name]
-        pytest.skip(f"{name} owns its presets (ep, spatial sp, channel tp); {own} checks them")
+@pytest.mark.parametrize("name", ["gpt", "mlp"])   # moe and cnn own their presets: their files test them
+def test_dp_and_fsdp_layouts(name):
+    m = get_model(name)
+    _, params = m.init(m.Config(), seed=0)
+    batch = m.make_batch(m.Config(), BATCH, seed=0)
     dp = param_specs(name, params, "dp", ("data",), {"data": 8})
     assert all(s == P() for s in jax.tree.leaves(dp, is_leaf=_is_p))
     fsdp = param_specs(name, params, "fsdp", ("data",), {"data": 8})

@@ -160,22 +160,6 @@ def _pin_residual(x: jax.Array, spec: tuple | None) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*spec))
 
 
-def _embeddings(cfg, rngs: nnx.Rngs) -> tuple[nnx.Embed, nnx.Param]:
-    """Token embedding ``[V, D]`` and learned position embedding ``[T, D]`` (GPT and MoE)."""
-    # nnx.Embed looks tokens up with jnp.take: a `gather` in the jaxpr (wanted).
-    tok_emb = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.dtype, rngs=rngs)
-    pos_emb = nnx.Param(0.02 * jax.random.normal(rngs.params(), (cfg.seq_len, cfg.d_model), cfg.dtype))
-    return tok_emb, pos_emb
-
-
-def _embed(tok_emb: nnx.Embed, pos_emb: nnx.Param, tokens: jax.Array) -> jax.Array:
-    """``tok_emb(tokens)`` plus the first ``T`` positions: ``[B, T, D]``."""
-    pos = pos_emb[...]
-    if tokens.shape[1] != pos.shape[0]:  # avoid a no-op slice in the common full-length case
-        pos = pos[:tokens.shape[1]]
-    return tok_emb(tokens) + pos[None]
-
-
 class GPT(nnx.Module):
     """Decoder-only LM: token + learned position embedding, blocks, ln_f, lm_head.
 
@@ -186,7 +170,11 @@ class GPT(nnx.Module):
 
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.tok_emb, self.pos_emb = _embeddings(cfg, rngs)
+        # nnx.Embed looks tokens up with jnp.take: a `gather` in the jaxpr (wanted).
+        self.tok_emb = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype,
+                                 param_dtype=cfg.dtype, rngs=rngs)
+        self.pos_emb = nnx.Param(
+            0.02 * jax.random.normal(rngs.params(), (cfg.seq_len, cfg.d_model), cfg.dtype))
         if cfg.scan_layers:
             @nnx.split_rngs(splits=cfg.n_layers)
             @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -205,7 +193,10 @@ class GPT(nnx.Module):
         t = tokens.shape[1]
         if t > self.cfg.seq_len:
             raise ValueError(f"sequence length {t} exceeds seq_len={self.cfg.seq_len}")
-        x = _embed(self.tok_emb, self.pos_emb, tokens)
+        pos = self.pos_emb[...]
+        if t != pos.shape[0]:  # avoid a no-op slice in the common full-length case
+            pos = pos[:t]
+        x = self.tok_emb(tokens) + pos[None]
         if self.cfg.scan_layers:
             @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
             def run(h, block):

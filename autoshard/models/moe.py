@@ -223,7 +223,10 @@ class MoE(nnx.Module):
 
     def __init__(self, cfg: MoEConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.tok_emb, self.pos_emb = gpt._embeddings(cfg, rngs)
+        self.tok_emb = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype,
+                                 param_dtype=cfg.dtype, rngs=rngs)
+        self.pos_emb = nnx.Param(
+            0.02 * jax.random.normal(rngs.params(), (cfg.seq_len, cfg.d_model), cfg.dtype))
         self.blocks = nnx.data([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
         self.ln_f = gpt._layernorm(cfg, rngs)
         self.lm_head = gpt._linear(cfg, cfg.d_model, cfg.vocab_size, rngs)
@@ -233,7 +236,10 @@ class MoE(nnx.Module):
         if t > self.cfg.seq_len or t % self.cfg.group_size_:
             raise ValueError(f"sequence length {t} must be at most seq_len={self.cfg.seq_len} "
                              f"and a multiple of group_size={self.cfg.group_size_}")
-        x = gpt._embed(self.tok_emb, self.pos_emb, tokens)
+        pos = self.pos_emb[...]
+        if t != pos.shape[0]:
+            pos = pos[:t]
+        x = self.tok_emb(tokens) + pos[None]
         aux = jnp.zeros((), jnp.float32)
         probs = []
         for block in self.blocks:

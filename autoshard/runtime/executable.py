@@ -32,6 +32,7 @@ from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 
 from ..compiler import ir, pipeline
 from ..compiler.mesh import MeshInfo
+from ..compiler.ops.control_flow import drop_dead_loop_inputs
 from ..errors import PlanningOnlyError, ReshardWarning, RetraceWarning, ShardingError, SpecError
 from .lower import lower_to_jit
 
@@ -201,6 +202,8 @@ class ParallelFunction:
         # With the mesh in context, jax.lax.with_sharding_constraint(x, P(...)) traces too.
         with _mesh_context(self.mesh):
             graph = ir.trace(flat_fun, avals)
+        if drop_dead_loop_inputs(graph):     # loop operands no body reads (hoisted residuals)
+            graph = ir.dce(graph)
         out_tree = out_store["tree"]
         out_avals = jax.tree.unflatten(out_tree, [jax.ShapeDtypeStruct(v.shape, v.dtype) for v in graph.outvars])
         if self.out_specs is None:

@@ -191,3 +191,80 @@ def lower_region(eqn, args, run_graph):
     fn = jax.checkpoint(lambda *a: run_graph(body, list(a)), prevent_cse=p.get("prevent_cse", True),
                         policy=p.get("policy"))
     return list(fn(*args))
+
+
+# -- dead loop inputs ------------------------------------------------------------------------
+def _reads(graph) -> set:
+    """ids of the values ``graph`` reads: operands of its equations (nested bodies read
+    through their equation's operands) and its outputs."""
+    out = {id(v) for v in graph.outvars}
+    for e in graph.eqns:
+        out.update(id(v) for v in e.invars)
+    return out
+
+
+def _dce_closed(closed, keep):
+    """``closed`` without the inputs ``keep`` drops (they must be unused), or None when JAX's
+    own DCE finds a dropped input used."""
+    from jax._src.interpreters import partial_eval as pe
+    from jax.extend import core as jcore
+    jaxpr, used = pe.dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars), instantiate=list(keep))
+    if list(used) != list(keep):
+        return None
+    return jcore.ClosedJaxpr(jaxpr, closed.consts)
+
+
+def drop_dead_loop_inputs(graph) -> bool:
+    """Drop loop operands their body never reads: ``scan`` consts and xs, ``while`` consts.
+
+    Differentiating a scan hoists its loop-invariant residuals out of the loop (JAX's
+    ``_scan_partial_eval``): the attention mask's ``where`` leaves ``[B, H, T, T]`` broadcasts
+    outside the layer loop that only some of the loops read. An operand no body reads has no
+    user whose layout it could take, so it would stay replicated and be counted whole on every
+    device (jit's own DCE drops it, as XLA would). Inner loops first; returns whether anything
+    was dropped (``ir.dce`` then removes what fed only those operands)."""
+    changed = False
+    for eqn in graph.eqns:
+        for sub in eqn.subgraphs:
+            changed |= drop_dead_loop_inputs(sub)
+        name, p = eqn.prim.name, eqn.params
+        if name == "scan":
+            nc, nk = p["num_consts"], p["num_carry"]
+            (body,) = eqn.subgraphs
+            read = _reads(body)
+            keep = [nc <= i < nc + nk or id(v) in read for i, v in enumerate(body.invars)]
+            if all(keep):
+                continue
+            closed = _dce_closed(p["jaxpr"], keep)
+            if closed is None:
+                continue
+            eqn.params = {**p, "jaxpr": closed, "num_consts": sum(keep[:nc])}
+            if "linear" in p:
+                eqn.params["linear"] = tuple(l for l, k in zip(p["linear"], keep) if k)
+        elif name == "while":
+            cn, bn = p["cond_nconsts"], p["body_nconsts"]
+            cond, body = eqn.subgraphs
+            cread, bread = _reads(cond), _reads(body)
+            ckeep = [id(v) in cread for v in cond.invars[:cn]]
+            bkeep = [id(v) in bread for v in body.invars[:bn]]
+            if all(ckeep) and all(bkeep):
+                continue
+            n_carry = len(eqn.invars) - cn - bn
+            cj = _dce_closed(p["cond_jaxpr"], ckeep + [True] * n_carry)
+            bj = _dce_closed(p["body_jaxpr"], bkeep + [True] * n_carry)
+            if cj is None or bj is None:
+                continue
+            keep = ckeep + bkeep + [True] * n_carry
+            cond.invars = [v for v, k in zip(cond.invars, ckeep + [True] * n_carry) if k]
+            body.invars = [v for v, k in zip(body.invars, bkeep + [True] * n_carry) if k]
+            eqn.invars = [v for v, k in zip(eqn.invars, keep) if k]
+            eqn.params = {**p, "cond_jaxpr": cj, "body_jaxpr": bj,
+                          "cond_nconsts": sum(ckeep), "body_nconsts": sum(bkeep)}
+            changed = True
+            continue
+        else:
+            continue
+        body.invars = [v for v, k in zip(body.invars, keep) if k]
+        eqn.invars = [v for v, k in zip(eqn.invars, keep) if k]
+        changed = True
+    return changed

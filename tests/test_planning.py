@@ -214,12 +214,13 @@ def test_1t_gpt_on_2048_devices_under_a_minute_and_matches_the_formulas():
 
 @pytest.mark.slow
 def test_128_layer_unrolled_gpt_plans_under_a_minute():
+    # From the config to the report's tables, all of it timed: the 128-block abstract nnx
+    # model (gpt.abstract_init, ~0.3 s), the trace, the passes and rep.memory()
+    # (measured: 21 s in all; trace 9 s, passes 6 s, report 3 s).
+    t0 = time.perf_counter()
     cfg = dataclasses.replace(gpt.SIZES["test"], n_layers=128)
     rep, *_ = _plan(cfg, ash.abstract_mesh("data=2,model=4"), "dp_tp", 8)
-    t0 = time.perf_counter()
     rep.memory()
-    # Trace and passes (measured alone: 15 s + 11 s), then the report's tables; building the
-    # 128-block abstract nnx model before that is not part of the plan (~2 minutes).
-    elapsed = sum(rep.program.pass_seconds.values()) + time.perf_counter() - t0
+    elapsed = time.perf_counter() - t0
     assert elapsed < 60, (elapsed, rep.program.pass_seconds)
     assert len(rep.collectives) >= 4 * 128

@@ -53,10 +53,9 @@ def _close(got, want):
 
 @pytest.mark.parametrize("rate", [None, pytest.param(SLOW_DEVICE, marks=pytest.mark.slow)])
 def test_gpt_12_layers_batch_only_against_every_preset_and_equals_one_device(rate):
-    """At the default rate the plan must cost no more than the best preset. On the slow
-    device the search is within 2% of it: the search prices each partial's reduction where it
-    is made, while Megatron's hand plan keeps the layernorm backward's partials flowing and
-    reduces them once (see passes/auto_search.py); measured 1.05% above tp there."""
+    """At either rate the plan must cost no more than the best preset (dp, fsdp, tp, dp_tp).
+    The search prices partials passed on through sums and products (PassPartial), so the
+    Megatron plan's single reduction of the q, k and v input gradients is among its choices."""
     step, args = _gpt(12)
     mesh = ash.make_mesh("data=2,model=4")
     batch_spec = {"tokens": P("data", None), "labels": P("data", None)}
@@ -66,8 +65,7 @@ def test_gpt_12_layers_batch_only_against_every_preset_and_equals_one_device(rat
     auto_cost = estimated_step_seconds(program, rate)["total_s"]
     costs = {s: estimated_step_seconds(_preset("gpt", step, args, s, mesh).program(*args), rate)["total_s"]
              for s in ("dp", "fsdp", "tp", "dp_tp")}
-    slack = 1e-9 if rate != SLOW_DEVICE else 0.02
-    assert auto_cost <= min(costs.values()) * (1 + slack), (auto_cost, costs)
+    assert auto_cost <= min(costs.values()) * (1 + 1e-9), (auto_cost, costs)
     # The report of the auto plan is the compiled program's, and the program is exact.
     assert_report_matches_hlo(pf, *args)
     _close(pf(*args), jax.jit(step)(*args))

@@ -72,32 +72,87 @@ class SearchStats:
 
 # ------------------------------------------------------------------------ strategies
 
-def _strategies(fr, axis_sizes, base: tuple, axis: str) -> list[tuple]:
-    """``base`` (the assignment chosen for the axes searched before) with ``axis`` added to
-    no factor or to one: the even, legal ones. The replicated-on-``axis`` choice comes first."""
-    out = [base]
+@dataclasses.dataclass(frozen=True)
+class PassPartial:
+    """A strategy of an equation linear in some operands (add, sub, mul, dot_general,
+    reduce_sum) that reads ``operands`` still partial over ``axes`` and leaves its result
+    partial over them: the reduction happens once, further on (the gradients of q, k and v
+    summed before one all-reduce, as in Megatron's backward pass)."""
+    assignment: tuple
+    axes: tuple
+    operands: tuple
+
+
+def _assignment(strategy) -> tuple:
+    return strategy.assignment if isinstance(strategy, PassPartial) else strategy
+
+
+def _passed(strategy, operand=None) -> tuple:
+    """The ``(axis, "sum")`` pairs a strategy passes on (to ``operand``, or to its result)."""
+    if not isinstance(strategy, PassPartial) or (operand is not None and operand not in strategy.operands):
+        return ()
+    return tuple((a, "sum") for a in strategy.axes)
+
+
+def _strategies(fr, axis_sizes, base, axis: str, passing=()) -> list:
+    """``base`` (the strategy chosen for the axes searched before) with ``axis`` added to no
+    factor or to one (the even, legal ones; the replicated-on-``axis`` choice first), and, where
+    the equation passes partials (``passing``: the operand sets it is linear in), each of those
+    with the operands read partial over ``axis``."""
+    held, reads = (base.axes, base.operands) if isinstance(base, PassPartial) else ((), None)
+    plain = [_assignment(base)]
     compound = compound_factors(fr)
     for f in range(len(fr.sizes)):
         if fr.kinds[f] == "replicate":
             continue
-        s = tuple(ax + (axis,) if g == f else ax for g, ax in enumerate(base))
+        s = tuple(ax + (axis,) if g == f else ax for g, ax in enumerate(plain[0]))
         if fr.sizes[f] % math.prod(axis_sizes[a] for a in s[f]) or _axis_conflicts(s, fr):
             continue
         if f in compound and not all(project_back(s, dims, fr.sizes, axis_sizes) is not None
                                      for dims in (*fr.operands, *fr.results)):
             continue
-        out.append(s)
+        plain.append(s)
+    out = [PassPartial(s, held, reads) if held else s for s in plain]
+    for s in plain:
+        if axis not in {a for ax in s for a in ax}:
+            out.extend(PassPartial(s, held + (axis,), ops) for ops in ([reads] if held else passing))
     return out
 
 
+#: Partial modes (compiler/ops) under which an equation passes a sum-partial operand on.
+_PASSING_MODES = ("same_sum", "one_sum", "first_sum", "unary_sum")
+
+
+def _passing(e, fr) -> list[tuple]:
+    """The operand sets ``e`` may read partial and pass on, as insert_collectives does: all
+    operands of a sum (none constant), one operand of a product, and only where the result is
+    no larger than a partial operand (a reduction is never made bigger)."""
+    live = [i for i, v in enumerate(e.invars) if not v.is_const]
+    follower = len(live) == 1 and not any(k in ("sum", "max", "min") for k in fr.kinds)
+    if e.subgraphs or len(e.outvars) != 1 or fr.accumulators or follower:
+        return []       # (a follower reads its operand as its root node makes it)
+    mode = get_rule(e).partial_mode(e)
+    fits = lambda i: math.prod(e.outvars[0].shape) <= math.prod(e.invars[i].shape)
+    if mode == "same_sum":
+        return [tuple(live)] if len(live) == len(e.invars) > 1 and any(fits(i) for i in live) else []
+    if mode == "one_sum":
+        return [(i,) for i in live if fits(i)]
+    if mode in ("first_sum", "unary_sum"):
+        return [(0,)] if 0 in live and fits(0) else []
+    return []
+
+
 def _operand_layout(fr, s, i, axis_sizes) -> Layout:
-    dims = project_back(s, fr.operands[i], fr.sizes, axis_sizes)
-    partial = result_partial(s, fr) if i in fr.accumulators else ()
-    return Layout(dims, tuple(partial))
+    a = _assignment(s)
+    dims = project_back(a, fr.operands[i], fr.sizes, axis_sizes)
+    partial = result_partial(a, fr) if i in fr.accumulators else ()
+    return Layout(dims, tuple(sorted({*partial, *_passed(s, i)})))
 
 
 def _result_layout(fr, s, j, axis_sizes) -> Layout:
-    return Layout(project_back(s, fr.results[j], fr.sizes, axis_sizes), result_partial(s, fr))
+    a = _assignment(s)
+    return Layout(project_back(a, fr.results[j], fr.sizes, axis_sizes),
+                  tuple(sorted({*result_partial(a, fr), *_passed(s)})))
 
 
 def _input_layouts(v, axis_sizes, base: Layout, axis: str) -> list[Layout]:
@@ -208,40 +263,19 @@ def _state_pairs(program) -> dict:
     return pairs
 
 
-def _lazy_partials(program, nodes, node_of_eqn, choice, axis_sizes, producer) -> set:
-    """Partial results whose every consumer is a sum of operands partial in the same way (the
-    gradients of q, k and v summed into one): they stay partial and the sum is reduced once.
-    The search priced a reduction per operand, so the plan only gets cheaper."""
-    made = {}
-    for e, key in node_of_eqn.items():
-        if e.subgraphs:
-            continue
-        fr, s = program.rules[e.index], nodes[key].strategies[choice[key]]
-        for j, o in enumerate(e.outvars):
-            made[o] = _result_layout(fr, s, j, axis_sizes)
-    users = defaultdict(list)
-    for e in program.graph.eqns:
-        for v in e.invars:
-            users[v].append(e)
-    outputs = set(program.graph.outvars)
-    lazy = set()
-    for v, lay in made.items():
-        if not lay.partial or v in outputs or not users[v]:
-            continue
-        if all(c.prim.name in _SUMS and all(
-                not w.is_const and w in made and made[w] == lay for w in c.invars) for c in users[v]):
-            lazy.add(v)
-    return lazy
-
-
 def _without_axis(strategy, axis):
     """An assignment or input layout with ``axis`` taken out (to search it again)."""
+    if isinstance(strategy, PassPartial):
+        held = tuple(a for a in strategy.axes if a != axis)
+        rest = _without_axis(strategy.assignment, axis)
+        return PassPartial(rest, held, strategy.operands) if held else rest
     if isinstance(strategy, Layout):
         return Layout(tuple(tuple(a for a in d if a != axis) for d in strategy.dims))
     return tuple(tuple(a for a in ax if a != axis) for ax in strategy)
 
 
 def _points(fr, s, axis_sizes) -> float:
+    s = _assignment(s)
     return math.prod(float(-(-size // math.prod(axis_sizes[a] for a in ax))) for size, ax in zip(fr.sizes, s))
 
 
@@ -264,8 +298,14 @@ def _build(program, axis_sizes, links, axis, base, compute_rate, labels, sig_ids
     rank: dict = defaultdict(int)
 
     def rt(src, dst, v):
+        if dst.partial and dst.partial != src.partial:
+            # A strategy reading a value partial is only for values that arrive partial
+            # alike (insert_collectives passes partials on only then).
+            return _UNREACHABLE_SECONDS
         return reshard_time(src, dst, v.shape, np.dtype(v.dtype).itemsize, axis_sizes, links,
                             latency_weight=1.0)
+
+    deferred = _deferrable(program)
 
     for v, path in zip(graph.invars, program.in_paths):
         if v in program.closed:
@@ -297,7 +337,7 @@ def _build(program, axis_sizes, links, axis, base, compute_rate, labels, sig_ids
             if e.subgraphs:
                 strategies = [start]
             else:
-                strategies = _strategies(fr, axis_sizes, start, axis)
+                strategies = _strategies(fr, axis_sizes, start, axis, _passing(e, fr))
                 if any(o in program.closed for o in e.outvars):
                     keep = [s for s in strategies if all(
                         _result_layout(fr, s, j, axis_sizes).without_partial() == program.layouts[o]
@@ -309,9 +349,13 @@ def _build(program, axis_sizes, links, axis, base, compute_rate, labels, sig_ids
         for j, o in enumerate(e.outvars):
             # Results are materialised reduced (their layout is pinned; see run): a partial
             # is reduced once where it is made (priced below), and every consumer reads that.
-            node_of_value[o] = (key, lambda k, key=key, fr=fr, j=j:
-                                _result_layout(fr, nodes[key].strategies[k], j, axis_sizes).without_partial())
-            chain[o] = (key, j)
+            # A result with one use, by an equation that can pass it on partial, arrives as
+            # made: its one consumer reduces it or passes it on (priced on the edge).
+            later = o in deferred
+            node_of_value[o] = (key, lambda k, key=key, fr=fr, j=j, later=later: (
+                lambda lay: lay if later else lay.without_partial())(
+                _result_layout(fr, nodes[key].strategies[k], j, axis_sizes)))
+            chain[o] = (key, j, later)
     for n in nodes.values():
         n.cost = np.zeros(len(n.strategies))
         n.memory = np.zeros(len(n.strategies))
@@ -338,7 +382,7 @@ def _build(program, axis_sizes, links, axis, base, compute_rate, labels, sig_ids
         node.cost += once(("work", key), lambda: np.array(
             [_points(fr, s, axis_sizes) for s in node.strategies]) / compute_rate)
         for j, o in enumerate(e.outvars):
-            if not e.subgraphs:
+            if not e.subgraphs and o not in deferred:
                 node.cost += once(("reduce", key, j), lambda j=j, o=o: np.array(
                     [rt(m, m.without_partial(), o) for m in
                      (_result_layout(fr, s, j, axis_sizes) for s in node.strategies)]))
@@ -377,7 +421,33 @@ def _build(program, axis_sizes, links, axis, base, compute_rate, labels, sig_ids
         nodes[src].memory += np.array([_bytes_per_device(v, f, axis_sizes) for f in final])
     for v, key in node_of_input.items():
         nodes[key].memory += np.array([_bytes_per_device(v, lay, axis_sizes) for lay in nodes[key].strategies])
-    return nodes, node_of_eqn, node_of_input, node_of_value, edges, pairs
+    return nodes, node_of_eqn, node_of_input, node_of_value, edges, pairs, deferred
+
+
+#: Cost of reading a value partial that does not arrive so (a choice the plan cannot make).
+_UNREACHABLE_SECONDS = 10.0
+
+
+def _deferrable(program) -> dict:
+    """``{value: (consumer, operand index)}`` for top-level results with exactly one use, by an
+    equation that may read that operand partial (``_passing``): their reduction can wait."""
+    graph = program.graph
+    uses = defaultdict(list)
+    for e in graph.eqns:
+        for i, v in enumerate(e.invars):
+            if not v.is_const:
+                uses[v].append((e, i))
+    for v in graph.outvars:
+        if not v.is_const:
+            uses[v].append((None, 0))
+    made = {o for e in graph.eqns if not e.subgraphs for o in e.outvars}
+    out = {}
+    for v in made:
+        if len(uses[v]) == 1 and uses[v][0][0] is not None:
+            e, i = uses[v][0]
+            if any(i in ops for ops in _passing(e, program.rules[e.index])):
+                out[v] = (e, i)
+    return out
 
 
 def _follower(fr, i, layout_of_operand, axis_sizes):
@@ -548,7 +618,7 @@ def run(program, memory_budget=None, time_limit=10.0, compute_rate=DEFAULT_POINT
             fix="raise memory_budget (per-device bytes of the step's inputs and outputs), use a "
                 "larger mesh, or annotate fewer values")
     # The cheapest plan by the MILP's own objective (the cost of the executed plan, except
-    # that sums of like partials are reduced once there: see _lazy_partials).
+    # that insert_collectives may pass more partials on than the search priced).
     order, built, solved, _ = min(candidates, key=lambda c: c[2][1])
     costs = [(tuple(c[0]), c[2][1]) for c in candidates]
     _materialize(program, built, solved[0], axis_sizes)
@@ -563,9 +633,12 @@ def run(program, memory_budget=None, time_limit=10.0, compute_rate=DEFAULT_POINT
 
 def _materialize(program, built, choice, axis_sizes):
     """Write the chosen plan into the program: layouts (pinned), provenance, strategies."""
-    nodes, node_of_eqn, node_of_input, node_of_value, edges, pairs = built
+    nodes, node_of_eqn, node_of_input, node_of_value, edges, pairs, deferred = built
     producer = {o: e for e in program.graph.eqns for o in e.outvars}
-    lazy = _lazy_partials(program, nodes, node_of_eqn, choice, axis_sizes, producer)
+    # A deferred result stays open: insert_collectives reduces it at its consumer, or passes
+    # it on where the consumer's strategy reads it partial, as the search priced it.
+    lazy = {v for v in deferred if v in node_of_value
+            and node_of_value[v][1](choice[node_of_value[v][0]]).partial}
     for v, (key, layout_of) in node_of_value.items():
         if v in program.closed:
             continue
@@ -583,14 +656,17 @@ def _materialize(program, built, choice, axis_sizes):
         program.provenance[v] = Provenance("auto", detail)
     for e, key in node_of_eqn.items():
         if not e.subgraphs:
-            program.auto_assignments[e.index] = nodes[key].strategies[choice[key]]
+            program.auto_assignments[e.index] = _assignment(nodes[key].strategies[choice[key]])
     for k, w in enumerate(program.graph.outvars):
         if program.out_specs[k] is None and pairs.get(w) in node_of_input:
             program.out_specs[k] = program.layouts[pairs[w]]
 
 
 def _strategy_text(fr, s) -> str:
-    parts = [f"factor {f} ({fr.kinds[f]}, {fr.sizes[f]}) over {','.join(ax)}" for f, ax in enumerate(s) if ax]
+    parts = [f"factor {f} ({fr.kinds[f]}, {fr.sizes[f]}) over {','.join(ax)}"
+             for f, ax in enumerate(_assignment(s)) if ax]
+    if isinstance(s, PassPartial):
+        parts.append(f"operands {','.join(map(str, s.operands))} passed on partial over {','.join(s.axes)}")
     return "; ".join(parts) if parts else "nothing split"
 
 

@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from . import memory_estimate
 from .cost_model import LinkModel
 from .layout import Layout
 
@@ -69,17 +70,6 @@ ROLES = ("parameters", "optimizer state", "batch", "inputs")
 #: Warning kinds. ``uneven-padding`` comes from the notes the passes leave in
 #: ``ShardedProgram.notes`` (a dim split over axes that do not divide it is padded per device).
 WARNING_KINDS = ("replicated-value", "implicit-all-gather", "conflicting-annotations", "uneven-padding")
-
-# Results XLA fuses into their users (not kept in memory) when every user is in _ABSORB.
-_FUSIBLE = {"neg", "sign", "floor", "ceil", "round", "is_finite", "exp", "exp2", "log", "log1p", "expm1",
-            "tanh", "logistic", "sin", "cos", "tan", "sqrt", "rsqrt", "cbrt", "abs", "not", "erf", "erfc",
-            "erf_inv", "square", "integer_pow", "reduce_precision", "copy", "copy_p", "stop_gradient",
-            "add", "add_any", "sub", "mul", "div", "rem", "pow", "max", "min", "and", "or", "xor", "eq",
-            "ne", "lt", "le", "gt", "ge", "atan2", "select_n", "clamp", "convert_element_type",
-            "broadcast_in_dim", "reshape", "squeeze", "expand_dims", "iota", "transpose"}
-_REDUCE = {"reduce_sum", "reduce_max", "reduce_min", "argmax", "argmin"}
-_ABSORB = _FUSIBLE | _REDUCE
-_YNN_REDUCE_MIN_ELEMENTS = 4096
 
 # Ops through which a parameter is still "the parameter" (for implicit-all-gather warnings).
 _PASS_THROUGH = {"convert_element_type", "transpose", "reshape", "copy", "copy_p", "squeeze",
@@ -603,179 +593,19 @@ class ShardingReport:
             out["xla"] = self._xla_memory()
         return out
 
+    # The estimate itself lives in memory_estimate.py (XLA CPU's fusion, schedule and buffer
+    # assignment, modelled from the plan).
     def _materialized(self):
-        """Per-device bytes of each intermediate XLA is expected to keep in memory: 0 for an
-        elementwise-like result all of whose users fuse it (elementwise ops, reductions), for
-        program inputs and outputs (their buffers are the arguments and outputs)."""
-        if getattr(self, "_mat_cache", None) is not None:
-            return self._mat_cache
-        p = self.program
-        moved = {r.value for r in p.reshards if any(t.is_collective for t in r.transforms)}
-        top_io = set(p.graph.invars) | set(p.graph.outvars)
-        size = {}
-
-        def visit(graph, top):
-            users: dict = {}
-            for e in graph.eqns:
-                for v in e.invars:
-                    if not v.is_const:
-                        users.setdefault(v, []).append(e)
-            outs = set(graph.outvars)
-            def local_elements(v):
-                return self._local_bytes(v, p.final_layout(v)) // np.dtype(v.dtype).itemsize
-
-            # Reductions XLA CPU hands to YNNPACK (operands of _YNN_REDUCE_MIN_ELEMENTS or more):
-            # they fuse at most the one product that feeds them, so what feeds that product (or
-            # the reduction itself) is materialized. Smaller reductions fuse their producers.
-            big = {e for e in graph.eqns if e.prim.name in _REDUCE and e.invars
-                   and local_elements(e.invars[0]) >= _YNN_REDUCE_MIN_ELEMENTS}
-            into_reduce = {e for e in graph.eqns for o in e.outvars
-                           if e.prim.name == "mul" and users.get(o) and all(u in big for u in users[o])}
-            for e in graph.eqns:
-                for o in e.outvars:
-                    us = users.get(o, ())
-                    if top and o in top_io:
-                        keep = False
-                    elif o in outs or o in moved:
-                        keep = True          # loop outputs, collective operands
-                    elif not us:
-                        keep = False
-                    elif e in into_reduce:
-                        keep = False        # the one product a big reduction fuses
-                    else:
-                        keep = not (e.prim.name in _FUSIBLE and all(
-                            u.prim.name in _ABSORB and u not in big and u not in into_reduce for u in us))
-                    size[o] = self._local_bytes(o, p.final_layout(o)) if keep else 0
-                for sub in e.subgraphs:
-                    visit(sub, False)
-            # A product fused into a reduction takes its operands whole: one broadcast to the
-            # product's shape is materialized, and kept as long as the operand it broadcasts.
-            for u in into_reduce:
-                full = self._local_bytes(u.outvars[0], p.final_layout(u.outvars[0]))
-                for v in u.invars:
-                    if not v.is_const and v.shape != u.outvars[0].shape and not (top and v in top_io):
-                        size[v] = max(size.get(v, 0), full)
-        visit(p.graph, True)
-        self._mat_cache = size
-        return size
+        return memory_estimate.materialized(self)
 
     def _temporaries_peak(self) -> int:
-        """Peak per-device bytes of materialized intermediates (``_materialized``), in program
-        order, each freed after its last use; collective results count at their consumer,
-        a loop's body peak (one iteration) at the loop."""
-        p, size = self.program, self._materialized()
-        temps: dict = {}
-        # XLA makes one collective result per (value, layout) and keeps it from its first
-        # consumer to its last (e.g. an all-gathered weight, from forward into backward).
-        uses: dict = {}
-        for e in self._eqns:
-            for k, v in enumerate(e.invars):
-                uses.setdefault((id(v), p.operand_layouts.get((e.index, k))), []).append(e.index)
-        spans: dict = {}
-        for r in p.reshards:
-            if r.value in p.post and p.post[r.value] == r.dst:
-                continue
-            i = self._consumer_index(r)
-            if i is not None and any(t.is_collective for t in r.transforms):
-                at = uses.get((id(r.value), r.dst), [i])
-                spans[(id(r.value), r.dst)] = (min(at), max(at), self._local_bytes(r.value, r.dst))
-        if spans:
-            delta = np.zeros(max(hi for _, hi, _ in spans.values()) + 2, dtype=np.int64)
-            for lo, hi, b in spans.values():
-                delta[lo] += b
-                delta[hi + 1] -= b
-            running = np.cumsum(delta)
-            for i in np.nonzero(running)[0]:
-                temps[int(i)] = int(running[i])
-
-        def peak_of(graph):
-            last = {}
-            for e in graph.eqns:
-                for v in e.invars:
-                    last[v] = e.index
-            live = peak = 0
-            free_at: dict = {}
-            for e in graph.eqns:
-                inner = max((peak_of(g) for g in e.subgraphs), default=0)
-                for o in e.outvars:
-                    b = size.get(o, 0)
-                    if b:
-                        live += b
-                        free_at.setdefault(last.get(o, e.index), []).append(b)
-                peak = max(peak, live + temps.get(e.index, 0) + inner)
-                live -= sum(free_at.pop(e.index, ()))
-            return peak
-        return int(peak_of(p.graph))
+        return memory_estimate.temporaries(self)["peak"]
 
     def _step_memory(self, base: dict) -> dict:
-        """The step's memory beyond its arguments: gradients, activations kept for backward,
-        the peak of temporaries, and the total XLA's ``memory_analysis()`` reports
-        (arguments + outputs + temporaries - aliased)."""
-        p, size = self.program, self._materialized()
-        # Forward part: equations the scalar floating outputs (the loss) depend on.
-        want = [v for v in p.graph.outvars if not v.shape and np.issubdtype(v.dtype, np.floating)]
-        forward, stack = set(), [v for v in want if v in self._producer]
-        while stack:
-            e = self._producer[stack.pop()]
-            if id(e) in forward:
-                continue
-            forward.add(id(e))
-            stack += [w for w in e.invars if w in self._producer and id(self._producer[w]) not in forward]
-        top = p.graph.eqns
-        residual = set()
-        for e in top:
-            if id(e) in forward:
-                continue
-            for w in e.invars:
-                pe = self._producer.get(w)
-                if pe is not None and id(pe) in forward and size.get(w, 0):
-                    residual.add(w)
-        # Gradients: one per parameter, in the layout of its updated value (or its own).
-        params = {path: (v, p.layouts[v]) for v, path in zip(p.graph.invars, p.in_paths)
-                  if self.role_of(path) == "parameters"}
-        outs = {}
-        for v, path, lay in zip(p.graph.outvars, p.out_paths, p.out_layouts):
-            outs.setdefault(re.sub(r"^out(\[\d+\])?", "", path), lay)
-        grads = 0
-        if forward:
-            for path, (v, lay) in params.items():
-                grads += self._local_bytes(v, outs.get(re.sub(r"^args\[\d+\]", "", path), lay))
-        temp = self._temporaries_peak()
-        tuple_table = 8 * len(p.graph.outvars) if len(p.graph.outvars) > 1 else 0
-        return {
-            "gradients": int(grads),
-            "activations_for_backward": int(sum(size[w] for w in residual)),
-            "largest_temporary": int(max(size.values(), default=0)),
-            "temporaries_peak": temp,
-            "step_total": int(base["arguments"] + base["outputs"] + tuple_table + temp),
-        }
+        return memory_estimate.step_memory(self, base)
 
     def _activation_peak(self) -> int:
-        p = self.program
-        inputs, outputs = set(p.graph.invars), set(p.graph.outvars)
-        last = {}
-        for e in self._eqns:
-            for v in e.invars:
-                last[v] = e.index
-        temps: dict = {}
-        for r in p.reshards:
-            if r.value in p.post and p.post[r.value] == r.dst:
-                continue
-            i = self._consumer_index(r)
-            if i is not None:
-                temps[i] = temps.get(i, 0) + self._local_bytes(r.value, r.dst)
-        live, peak = 0, 0
-        free_at: dict = {}
-        for e in self._eqns:
-            for o in e.outvars:
-                if o in inputs or o in outputs:
-                    continue
-                b = self._local_bytes(o, p.final_layout(o))
-                live += b
-                free_at.setdefault(last.get(o, e.index), []).append(b)
-            peak = max(peak, live + temps.get(e.index, 0))
-            live -= sum(free_at.pop(e.index, ()))
-        return int(peak)
+        return memory_estimate.activation_peak(self)
 
     def compiled(self):
         """XLA's executable for this plan (``pf.lower(*args).compile()``), compiled once."""

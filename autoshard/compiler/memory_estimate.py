@@ -96,9 +96,10 @@ def materialized(rep) -> dict:
                 us = users.get(o, ())
                 if top and o in top_io:
                     keep = False
-                elif o in outs or o in moved:
-                    keep = True          # loop outputs, collective operands
-                elif not us:
+                elif o in moved:
+                    keep = True          # collective operands
+                elif not us:             # unused, or a loop body's result: written straight
+                                         # into the loop's carry / stacked output buffer
                     keep = False
                 elif e in into_reduce:
                     keep = False        # the one product a big reduction fuses
@@ -244,7 +245,6 @@ class _Schedule:
                 at = [run_at[id(u)] for o in e.outvars for u in readers.get(o, ())]
                 run_at[id(e)] = max(at, default=pos[id(e)])
         self.run_at = run_at
-        end = t
         # Live intervals (times doubled: an in-place output starts after its operand ends).
         last: dict = {}
         for e in eqns:
@@ -259,8 +259,6 @@ class _Schedule:
                 v = rep._value_of_key.get(key)
                 if v is not None:
                     last[v] = max(last.get(v, -1), pos[node_of[key]])
-        for v in outs:
-            last[v] = end
         self.intervals = []                     # [bytes, start, end, value-or-key]
         by_end: dict = {}
         for e in eqns:

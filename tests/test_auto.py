@@ -160,3 +160,31 @@ def test_moe_auto_chooses_expert_parallelism_when_cheaper():
         assert program.layouts[v].dims[0] == ("expert",), p
     assert any("expert parallel over expert" in w for w in describe_layers(program).values())
     _close(pf(*args), jax.jit(step)(*args))
+
+
+@pytest.mark.slow
+def test_gpt_12_layers_at_a_realistic_size_is_cheaper_than_every_preset_with_fewer_bytes():
+    """Planning only (abstract inputs; compiled, not run): a 12-layer GPT with d_model 1024 at
+    a GPU-class rate. The plan costs less than the best preset and its compiled HLO sends no
+    more bytes than that preset's (measured: dp_tp is the best preset; auto -15% time, -38%
+    bytes with ZeRO-3 over data and batch over model)."""
+    import dataclasses
+    from autoshard.models import gpt
+    from autoshard.runtime.hlo import parse_collectives
+    cfg = dataclasses.replace(gpt.SIZES["test"], d_model=1024, n_heads=16, seq_len=512,
+                              vocab_size=8192, n_layers=12)
+    rate = 1e14
+    model_def, params = gpt.abstract_init(cfg)
+    optimizer = gpt.default_optimizer()
+    args = (params, jax.eval_shape(optimizer.init, params), gpt.abstract_batch(cfg, 16))
+    step = gpt.make_train_step(model_def, optimizer)
+    mesh = ash.make_mesh("data=2,model=4")
+    presets_seen = {s: _preset("gpt", step, args, s, mesh).report(*args) for s in ("dp", "fsdp", "tp", "dp_tp")}
+    best = min(presets_seen, key=lambda s: estimated_step_seconds(presets_seen[s].program, rate)["total_s"])
+    pf = _auto(step, mesh, {"tokens": P("data", None), "labels": P("data", None)}, compute_rate=rate)
+    program = pf.program(*args)
+    assert estimated_step_seconds(program, rate)["total_s"] <= \
+        estimated_step_seconds(presets_seen[best].program, rate)["total_s"]
+    auto_hlo = sum(c.wire_bytes for c in parse_collectives(pf.lower(*args).compile().as_text(), mesh))
+    assert auto_hlo == pytest.approx(pf.report(*args).total_wire_bytes)
+    assert auto_hlo <= presets_seen[best].total_wire_bytes, (auto_hlo, best, presets_seen[best].total_wire_bytes)

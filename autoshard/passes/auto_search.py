@@ -285,7 +285,7 @@ def _signature_ids(program) -> dict:
     return {e: interned.setdefault(_signature(e), len(interned)) for e in program.graph.eqns}
 
 
-def _build(program, axis_sizes, links, axis, base, compute_rate, labels, sig_ids):
+def _build(program, axis_sizes, links, axis, base, compute_rate, labels, sig_ids, passing, deferred):
     """The problem for mesh axis ``axis``, the axes before it fixed as ``base`` (node key ->
     chosen assignment or input layout)."""
     graph = program.graph
@@ -305,7 +305,6 @@ def _build(program, axis_sizes, links, axis, base, compute_rate, labels, sig_ids
         return reshard_time(src, dst, v.shape, np.dtype(v.dtype).itemsize, axis_sizes, links,
                             latency_weight=1.0)
 
-    deferred = _deferrable(program)
 
     for v, path in zip(graph.invars, program.in_paths):
         if v in program.closed:
@@ -337,7 +336,7 @@ def _build(program, axis_sizes, links, axis, base, compute_rate, labels, sig_ids
             if e.subgraphs:
                 strategies = [start]
             else:
-                strategies = _strategies(fr, axis_sizes, start, axis, _passing(e, fr))
+                strategies = _strategies(fr, axis_sizes, start, axis, passing.get(e, ()))
                 if any(o in program.closed for o in e.outvars):
                     keep = [s for s in strategies if all(
                         _result_layout(fr, s, j, axis_sizes).without_partial() == program.layouts[o]
@@ -428,9 +427,10 @@ def _build(program, axis_sizes, links, axis, base, compute_rate, labels, sig_ids
 _UNREACHABLE_SECONDS = 10.0
 
 
-def _deferrable(program) -> dict:
+def _deferrable(program, passing) -> dict:
     """``{value: (consumer, operand index)}`` for top-level results with exactly one use, by an
-    equation that may read that operand partial (``_passing``): their reduction can wait."""
+    equation that may read that operand partial (``passing``: ``_passing`` of each equation
+    that has any): their reduction can wait."""
     graph = program.graph
     uses = defaultdict(list)
     for e in graph.eqns:
@@ -445,7 +445,7 @@ def _deferrable(program) -> dict:
     for v in made:
         if len(uses[v]) == 1 and uses[v][0][0] is not None:
             e, i = uses[v][0]
-            if any(i in ops for ops in _passing(e, program.rules[e.index])):
+            if any(i in ops for ops in passing.get(e, ())):
                 out[v] = (e, i)
     return out
 
@@ -570,6 +570,8 @@ def run(program, memory_budget=None, time_limit=10.0, compute_rate=DEFAULT_POINT
         program.rules[eqn.index] = get_rule(eqn).factors(eqn)
     labels = _labels(program)
     sig_ids = _signature_ids(program)
+    passing = {e: ops for e in program.graph.eqns if (ops := _passing(e, program.rules[e.index]))}
+    context = (labels, sig_ids, passing, _deferrable(program, passing))
     solve_limit = time_limit / (4 * max(1, len(axis_sizes)))
     # One MILP per mesh axis, the axes before it fixed: each axis adds "none, or one factor"
     # to every node's strategy, so a problem has a few strategies per node instead of their
@@ -581,7 +583,7 @@ def run(program, memory_budget=None, time_limit=10.0, compute_rate=DEFAULT_POINT
         base = {}
         try:
             for n, axis in enumerate(order):
-                built = _build(program, axis_sizes, links, axis, base, compute_rate, labels, sig_ids)
+                built = _build(program, axis_sizes, links, axis, base, compute_rate, *context)
                 # The axes after this one can divide the memory further by at most their size.
                 later = math.prod(axis_sizes[a] for a in order[n + 1:])
                 budget = None if memory_budget is None else memory_budget * later
@@ -599,7 +601,7 @@ def run(program, memory_budget=None, time_limit=10.0, compute_rate=DEFAULT_POINT
             improved = False
             for axis in order:
                 trial_base = {k: _without_axis(v, axis) for k, v in base.items()}
-                trial = _build(program, axis_sizes, links, axis, trial_base, compute_rate, labels, sig_ids)
+                trial = _build(program, axis_sizes, links, axis, trial_base, compute_rate, *context)
                 try:
                     t_solved = _solve(trial[0], trial[4], memory_budget, solve_limit)
                 except NoFeasiblePlanError:

@@ -34,7 +34,7 @@ from ..compiler import ir, pipeline
 from ..compiler.mesh import MeshInfo
 from ..compiler.ops.control_flow import drop_dead_loop_inputs
 from ..errors import PlanningOnlyError, ReshardWarning, RetraceWarning, ShardingError, SpecError
-from .lower import lower_to_jit
+from .lower import lower_abstract, lower_to_jit
 
 #: Warn (``RetraceWarning``) when one ParallelFunction has traced more than this many programs.
 RETRACE_WARN_AT = 8
@@ -325,12 +325,20 @@ class ParallelFunction:
         from ..compiler.report import ShardingReport
         return ShardingReport(self._compile(args).program, self)
 
-    def lower(self, *args):
+    def lower(self, *args, lowering_platforms=None):
+        """``jax.stages.Lowered`` of the per-device program (``.as_text()``: StableHLO,
+        ``.compile()``). On an abstract mesh it is lowered for ``lowering_platforms`` (default:
+        this process's backend) without devices; its ``compile()`` raises ``PlanningOnlyError``
+        unless given a ``device_assignment`` of the mesh's size."""
         entry = self._compile(args)
         if entry.jitted is None:
-            raise PlanningOnlyError("lower() on an abstract mesh is not supported yet; use report()")
+            donate = tuple(j for j, leaf_arg in enumerate(self._leaf_arg_index(args, entry.in_tree))
+                           if leaf_arg in self.donate_argnums)
+            return lower_abstract(entry.program, self.mesh, entry.avals, donate, lowering_platforms)
         avals = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
                  for a, s in zip(entry.avals, entry.in_shardings)]
+        if lowering_platforms is not None:
+            return entry.jitted.trace(*avals).lower(lowering_platforms=tuple(lowering_platforms))
         return entry.jitted.lower(*avals)
 
     def program(self, *args):

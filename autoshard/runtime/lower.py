@@ -9,6 +9,7 @@ the program says so (``post``).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -114,3 +115,41 @@ def lower_to_jit(program, mesh, donate_argnums=()):
     out_shardings = tuple(NamedSharding(mesh, s) for s in out_specs)
     return jax.jit(body, in_shardings=in_shardings, out_shardings=out_shardings,
                    donate_argnums=donate_argnums), in_shardings, out_shardings
+
+
+class AbstractLowered(jax.stages.Lowered):
+    """A ``jax.stages.Lowered`` made for an ``AbstractMesh``: its StableHLO text is the
+    program every device of the mesh would run (collectives with the mesh's replica groups,
+    ``mhlo.num_partitions`` = its size); compiling needs the devices themselves."""
+    __slots__ = ()
+    mesh_shape: dict = {}
+
+    def compile(self, compiler_options=None, *, device_assignment=None):
+        if device_assignment is None:
+            from ..errors import PlanningOnlyError
+            n = math.prod(self.mesh_shape.values()) if self.mesh_shape else "its"
+            raise PlanningOnlyError(
+                f"this program was lowered for the abstract mesh {self.mesh_shape} and XLA compiles only "
+                f"for concrete devices ({n}); as_text() gives its StableHLO, pf.report(...) its memory and "
+                f"communication per device, or compile(device_assignment=<that many devices>) where they exist")
+        return super().compile(compiler_options, device_assignment=device_assignment)
+
+
+def lower_abstract(program, mesh, args_avals, donate_argnums=(), lowering_platforms=None):
+    """Lower the shard_map program for an ``AbstractMesh`` (no devices): JAX needs the target
+    platforms named (``("cpu",)``, ``("cuda",)``, ``("tpu",)``; default: this process's
+    backend). Returns an :class:`AbstractLowered`."""
+    import jax.extend.backend
+    jitted, in_shardings, _ = lower_to_jit(program, mesh, donate_argnums)
+    avals = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s) for a, s in zip(args_avals, in_shardings)]
+    platforms = tuple(lowering_platforms or (jax.extend.backend.get_backend().platform,))
+    lowered = jitted.trace(*avals).lower(lowering_platforms=platforms)
+    # Lowered keeps its state in __slots__: a subclass without new slots can take over the
+    # instance (its compile() explains instead of JAX's "device_assignment cannot be None").
+    lowered.__class__ = _abstract_lowered_class(tuple(mesh.shape.items()))
+    return lowered
+
+
+@functools.lru_cache(maxsize=None)
+def _abstract_lowered_class(mesh_items):
+    return type("AbstractLowered", (AbstractLowered,), {"__slots__": (), "mesh_shape": dict(mesh_items)})

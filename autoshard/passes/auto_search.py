@@ -30,6 +30,7 @@ propagation around the layouts chosen here.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import time
@@ -200,6 +201,7 @@ def _labels(program) -> dict:
 _DIGITS = re.compile(r"(?<![\w])\d+(?![\w])")
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def _normalized(text: str) -> str:
     """Layer numbers out: ``blocks.3.attn.q`` -> ``blocks.#.attn.q``."""
     return re.sub(r"(^|[.\[\]'])\d+(?=$|[.\[\]'])", r"\1#", text)

@@ -188,3 +188,19 @@ def test_gpt_12_layers_at_a_realistic_size_is_cheaper_than_every_preset_with_few
     auto_hlo = sum(c.wire_bytes for c in parse_collectives(pf.lower(*args).compile().as_text(), mesh))
     assert auto_hlo == pytest.approx(pf.report(*args).total_wire_bytes)
     assert auto_hlo <= presets_seen[best].total_wire_bytes, (auto_hlo, best, presets_seen[best].total_wire_bytes)
+
+
+def test_scanned_layers_plan_runs_and_equals_one_device():
+    """A scan over layers is one region node (its body takes layouts by propagation); its
+    work is not priced at the top level (a region's factor space is not work)."""
+    m = get_model("gpt")
+    cfg = m.Config(**GPT_CFG, n_layers=3, scan_layers=True)
+    model_def, params = m.init(cfg, seed=0)
+    optimizer = m.default_optimizer()
+    args = (params, optimizer.init(params), m.make_batch(cfg, 8, seed=0))
+    step = m.make_train_step(model_def, optimizer)
+    pf = _auto(step, ash.make_mesh("data=2,model=4"), {"tokens": P("data", None), "labels": P("data", None)},
+               compute_rate=SLOW_DEVICE)
+    assert pf.program(*args).search.status.endswith("Optimal)")
+    assert_report_matches_hlo(pf, *args)
+    _close(pf(*args), jax.jit(step)(*args))

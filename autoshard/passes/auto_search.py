@@ -380,8 +380,9 @@ def _build(program, axis_sizes, links, axis, base, compute_rate, labels, sig_ids
              for k in range(len(nodes[root].strategies))]))
     for e, key in node_of_eqn.items():
         fr, node = program.rules[e.index], nodes[key]
-        node.cost += once(("work", key), lambda: np.array(
-            [_points(fr, s, axis_sizes) for s in node.strategies]) / compute_rate)
+        if not e.subgraphs:     # a loop's or branch's work is its bodies', not searched here
+            node.cost += once(("work", key), lambda: np.array(
+                [_points(fr, s, axis_sizes) for s in node.strategies]) / compute_rate)
         for j, o in enumerate(e.outvars):
             if not e.subgraphs and o not in deferred:
                 node.cost += once(("reduce", key, j), lambda j=j, o=o: np.array(
@@ -616,9 +617,9 @@ def run(program, memory_budget=None, time_limit=10.0, compute_rate=DEFAULT_POINT
             if not improved:
                 break
     if not candidates:
+        within = f" within memory_budget={memory_budget:,} bytes per device" if memory_budget is not None else ""
         raise NoFeasiblePlanError(
-            "the layout search found no plan within memory_budget="
-            f"{memory_budget:,} bytes per device (" + "; ".join(f.splitlines()[0] for f in failures) + ")",
+            f"the layout search found no plan{within} (" + "; ".join(f.splitlines()[0] for f in failures) + ")",
             fix="raise memory_budget (per-device bytes of the step's inputs and outputs), use a "
                 "larger mesh, or annotate fewer values")
     # The cheapest plan by the MILP's own objective (the cost of the executed plan, except

@@ -42,6 +42,7 @@ _FUSIBLE = {"neg", "sign", "floor", "ceil", "round", "is_finite", "exp", "exp2",
             "broadcast_in_dim", "reshape", "squeeze", "expand_dims", "iota", "transpose"}
 _REDUCE = {"reduce_sum", "reduce_max", "reduce_min", "argmax", "argmin"}
 _ABSORB = _FUSIBLE | _REDUCE
+_BITCAST = {"reshape", "squeeze", "expand_dims"}
 _YNN_REDUCE_MIN_ELEMENTS = 4096
 # XLA's InstructionFusion::IsExpensive (float divide/remainder; integer ones are cheap).
 _EXPENSIVE = {"exp", "exp2", "expm1", "log", "log1p", "logistic", "tanh", "tan", "sqrt", "rsqrt",
@@ -76,6 +77,7 @@ def materialized(rep) -> dict:
     moved = {r.value for r in p.reshards if any(t.is_collective for t in r.transforms)}
     top_io = set(p.graph.invars) | set(p.graph.outvars)
     size: dict = {}
+    bcast_inputs: dict = {}
 
     def visit(graph, top):
         users: dict = {}
@@ -111,11 +113,23 @@ def materialized(rep) -> dict:
                 visit(sub, False)
         # A product fused into a reduction takes its operands whole: one broadcast to the
         # product's shape is materialized, and kept as long as the operand it broadcasts.
+        made = {o for e in graph.eqns for o in e.outvars}
         for u in into_reduce:
             full = rep._local_bytes(u.outvars[0], p.final_layout(u.outvars[0]))
             for v in u.invars:
                 if not v.is_const and v.shape != u.outvars[0].shape:
-                    size[v] = max(size.get(v, 0), full)
+                    if v in made:
+                        size[v] = max(size.get(v, 0), full)
+                    else:               # a parameter's broadcast, made at the start
+                        bcast_inputs[id(u)] = bcast_inputs.get(id(u), 0) + full
+        # A reshape is a bitcast in XLA: what it reads is stored instead, and lives on.
+        for e in reversed(graph.eqns):
+            if e.prim.name in _BITCAST and len(e.outvars) == 1 and e.invars and not e.invars[0].is_const:
+                o, v = e.outvars[0], e.invars[0]
+                if size.get(o, 0) and size[o] == rep._local_bytes(o, p.final_layout(o)):
+                    size[o] = 0
+                    if v in made and not (top and v in top_io):
+                        size[v] = max(size.get(v, 0), rep._local_bytes(v, p.final_layout(v)))
         # An expensive elementwise result read by more than one fusion is computed once and
         # stored (XLA does not duplicate expensive ops into several consumers).
         for _ in range(2):
@@ -141,6 +155,7 @@ def materialized(rep) -> dict:
             if not changed:
                 break
     visit(p.graph, True)
+    rep._bcast_inputs = bcast_inputs
     rep._mat_cache = size
     return size
 
@@ -170,6 +185,17 @@ class _Schedule:
                 if key is not None and key not in coll_nodes:
                     coll_nodes[key] = (produced.get(v), e)
         node_of = _combine_all_reduces(eqns, produced, coll_of, coll_nodes, coll_kind, coll_bytes)
+        # Operands XLA copies into another layout first (convolutions' canonical layouts):
+        # the copy is an instruction of its own, run as soon as its operand exists.
+        copies: dict = {}
+        same: dict = {}                         # one copy per (value, layout, order): CSE
+        for e in eqns:
+            for k, order in _conv_copies(e):
+                v = e.invars[k]
+                if not v.is_const and not (v in produced and produced[v].prim.name in ("rev", "transpose")):
+                    lay = p.operand_layouts.get((e.index, k)) or p.final_layout(v)
+                    c = same.setdefault((id(v), lay, order), ("copy", e.index, k))
+                    copies[(e.index, k)] = (c, rep._local_bytes(v, lay))
         users: dict = {}
         deps: dict = {}
         for key, (src, _) in coll_nodes.items():
@@ -184,10 +210,16 @@ class _Schedule:
                 if v.is_const:
                     continue
                 key = coll_of.get((e.index, k))
-                if key is not None:
-                    need.add(node_of[key])
-                elif v in produced:
-                    need.add(id(produced[v]))
+                under = node_of[key] if key is not None else id(produced[v]) if v in produced else None
+                if (e.index, k) in copies:
+                    c = copies[(e.index, k)][0]
+                    if c not in deps:
+                        deps[c] = 0 if under is None else 1
+                        if under is not None:
+                            users.setdefault(under, []).append(c)
+                    under = c
+                if under is not None:
+                    need.add(under)
             deps[id(e)] = len(need)
             for n in need:
                 lst = users.setdefault(n, [])
@@ -196,9 +228,11 @@ class _Schedule:
         for n in {node_of[key] for key in coll_nodes}:
             deps[n] = len(deps[n])
         order = {id(e): k for k, e in enumerate(eqns)}
+        by_index = {e.index: e for e in eqns}
         ready = [(k, e) for k, e in enumerate(eqns) if deps[id(e)] == 0]
         ready += sorted({(order[id(first)] - 0.5, node_of[key]) for key, (src, first) in coll_nodes.items()
                          if deps[node_of[key]] == 0}, key=lambda t: t[0])
+        ready += sorted({(order[id(by_index[c[1]])] - 0.5, c) for c, _ in copies.values() if deps[c] == 0})
         ready.sort(key=lambda t: t[0])
         queue = deque(n for _, n in ready)
         pos: dict = {}
@@ -253,7 +287,8 @@ class _Schedule:
                     continue
                 key = coll_of.get((e.index, k))
                 n = key if key is not None else v
-                last[n] = max(last.get(n, -1), run_at[id(e)])
+                c = copies.get((e.index, k))
+                last[n] = max(last.get(n, -1), pos[c[0]] if c else run_at[id(e)])
         for key, (src, _) in coll_nodes.items():
             if src is not None:
                 v = rep._value_of_key.get(key)
@@ -274,6 +309,20 @@ class _Schedule:
             iv = [coll_bytes[key], 2 * s, 2 * max(s, last.get(key, s)), key]
             self.intervals.append(iv)
             by_end.setdefault(iv[2], []).append(iv)
+        copy_end: dict = {}
+        for (i, k), (c, b) in copies.items():
+            copy_end[c] = (b, max(copy_end.get(c, (b, pos[c]))[1], run_at[id(by_index[i])]))
+        for c, (b, e_at) in copy_end.items():
+            self.intervals.append([b, 2 * pos[c], 2 * e_at, c])
+        bcast = getattr(rep, "_bcast_inputs", {})
+        for e in eqns:                          # parameters broadcast for a big reduction
+            if id(e) in bcast:
+                self.intervals.append([bcast[id(e)], 0, 2 * run_at[id(e)], ("broadcast", e.index)])
+        for e in eqns:                          # a result made in the canonical layout, then copied
+            if e.prim.name == "conv_general_dilated" and _canonical_order(e, "out") is not None:
+                o = e.outvars[0]
+                self.intervals.append([rep._local_bytes(o, p.final_layout(o)), 2 * run_at[id(e)],
+                                       2 * run_at[id(e)], ("copy", e.index, -1)])
         # In place: an elementwise fusion writes over a same-sized stored operand that dies there.
         for e in eqns:
             if e.prim.name not in _IN_PLACE or len(e.outvars) != 1 or not is_real[id(e)]:
@@ -286,6 +335,26 @@ class _Schedule:
                     by_end[at].remove(iv)
                     break
         self.produced_at = {o: 2 * run_at[id(e)] for e in eqns for o in e.outvars}
+
+
+def _canonical_order(e, which):
+    """The dim order XLA CPU's convolution wants for the lhs / rhs / out of conv ``e``
+    (batch, spatial..., feature; kernel spatial..., in, out), or None when it already is."""
+    dn = e.params.get("dimension_numbers")
+    spec = getattr(dn, {"lhs": "lhs_spec", "rhs": "rhs_spec", "out": "out_spec"}[which], None)
+    if spec is None:
+        return None
+    spec = tuple(spec)
+    want = (*spec[2:], spec[1], spec[0]) if which == "rhs" else (spec[0], *spec[2:], spec[1])
+    return None if want == tuple(range(len(spec))) else want
+
+
+def _conv_copies(e):
+    """Operand indices of ``e`` XLA copies into a canonical layout before running it."""
+    if e.prim.name != "conv_general_dilated":
+        return ()
+    return [(k, _canonical_order(e, which)) for k, which in enumerate(("lhs", "rhs"))
+            if _canonical_order(e, which) is not None]
 
 
 def _collective_results(rep):

@@ -184,6 +184,13 @@ class _Schedule:
                 key = None if v.is_const else coll_of.get((e.index, k))
                 if key is not None and key not in coll_nodes:
                     coll_nodes[key] = (produced.get(v), e)
+        post_keys = getattr(rep, "_post_keys", {})
+        out_keys = {}                            # outputs that are a post collective's result
+        for v in top_out:
+            key = post_keys.get(id(v))
+            if key is not None and v in produced:
+                out_keys[key] = v
+                coll_nodes.setdefault(key, (produced[v], produced[v]))
         node_of = _combine_all_reduces(eqns, produced, coll_of, coll_nodes, coll_kind, coll_bytes)
         # Operands XLA copies into another layout first (convolutions' canonical layouts):
         # the copy is an instruction of its own, run as soon as its operand exists.
@@ -305,6 +312,8 @@ class _Schedule:
                     self.intervals.append(iv)
                     by_end.setdefault(iv[2], []).append(iv)
         for key, (src, _) in coll_nodes.items():
+            if key in out_keys:
+                continue                        # written into the output's buffer
             s = pos[node_of[key]]
             iv = [coll_bytes[key], 2 * s, 2 * max(s, last.get(key, s)), key]
             self.intervals.append(iv)
@@ -335,6 +344,8 @@ class _Schedule:
                     by_end[at].remove(iv)
                     break
         self.produced_at = {o: 2 * run_at[id(e)] for e in eqns for o in e.outvars}
+        for key, v in out_keys.items():
+            self.produced_at[v] = 2 * pos[node_of[key]]
 
 
 def _canonical_order(e, which):
@@ -362,24 +373,31 @@ def _collective_results(rep):
     ``{key: per-device bytes}`` (key: ``(id(value), layout)``; one result per key)."""
     p = rep.program
     coll_of, coll_bytes, value_of, coll_kind = {}, {}, {}, {}
-    wanted = {}
+    wanted, post = {}, {}
     for r in p.reshards:
-        if r.value in p.post and p.post[r.value] == r.dst:
-            continue
         moves = [t for t in r.transforms if t.is_collective]
-        if moves:
-            wanted[(id(r.value), r.dst)] = r.value
-            if len(moves) == 1 and moves[0].kind == "all-reduce":
-                coll_kind[(id(r.value), r.dst)] = (tuple(sorted(moves[0].axes)), moves[0].op)
+        if not moves:
+            continue
+        # A "post" collective runs right after the value is made (e.g. a gradient's
+        # all-reduce): every reader, and the output, reads its result.
+        key = (id(r.value), r.dst, "post") if p.post.get(r.value) == r.dst else (id(r.value), r.dst)
+        if len(key) == 3:
+            post[id(r.value)] = key
+        wanted[key] = r.value
+        coll_bytes[key] = rep._local_bytes(r.value, r.dst)
+        value_of[key] = r.value
+        if len(moves) == 1 and moves[0].kind == "all-reduce":
+            coll_kind[key] = (tuple(sorted(moves[0].axes)), moves[0].op)
     if wanted:
         for e in rep._eqns:
             for k, v in enumerate(e.invars):
                 key = (id(v), p.operand_layouts.get((e.index, k)))
                 if key in wanted:
                     coll_of[(e.index, k)] = key
-                    coll_bytes[key] = rep._local_bytes(v, key[1])
-                    value_of[key] = v
+                elif id(v) in post and not v.is_const:
+                    coll_of[(e.index, k)] = post[id(v)]
     rep._value_of_key = value_of
+    rep._post_keys = post
     return coll_of, coll_bytes, coll_kind
 
 

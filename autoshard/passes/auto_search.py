@@ -284,7 +284,7 @@ def _points(fr, s, axis_sizes) -> float:
 def _signature_ids(program) -> dict:
     """Each equation's signature as a small int (equal signatures, equal ids)."""
     interned: dict = {}
-    return {e: interned.setdefault(_signature(e), len(interned)) for e in program.graph.eqns}
+    return {e: interned.setdefault(_signature(e), len(interned)) for e in program.graph.all_eqns()}
 
 
 def _build(program, axis_sizes, links, axis, base, compute_rate, labels, sig_ids, passing, deferred):
@@ -319,7 +319,43 @@ def _build(program, axis_sizes, links, axis, base, compute_rate, labels, sig_ids
         node_of_input[v] = key
         node_of_value[v] = (key, lambda k, key=key: nodes[key].strategies[k])
         chain[v] = (key,)
-    for e in graph.eqns:
+    trips: dict = {}          # equation -> times it runs per step (scan lengths around it)
+    region_inputs: dict = {}  # body input of a searched scan -> (scan, operand index)
+    carries: list = []        # (body output, carry input it returns to, trips)
+
+    def open_scan(e, mult):
+        """A scan's body is searched with the program: each body input is a node (a layout
+        per strategy, read by the body every iteration), a carry's result is its carry
+        input's layout, and a stacked output is its body value's layout under the loop dim."""
+        (body,) = e.subgraphs
+        nc, nk = e.params["num_consts"], e.params["num_carry"]
+        for i, bv in enumerate(body.invars):
+            key = ("region-in", e.index, i)
+            start = base.get(key, Layout.replicated(len(bv.shape)))
+            nodes[key] = _Node(key, _input_layouts(bv, axis_sizes, start, axis), [bv])
+            node_of_value[bv] = (key, lambda k, key=key: nodes[key].strategies[k])
+            chain[bv] = (key,)
+            region_inputs[bv] = (e, i)
+        inner = mult * int(e.params["length"])
+        visit(body.eqns, inner)
+        for k in range(nk):
+            carry = body.invars[nc + k]
+            node_of_value[e.outvars[k]], chain[e.outvars[k]] = node_of_value[carry], chain[carry]
+            carries.append((body.outvars[k], carry, inner))
+        for j in range(nk, len(e.outvars)):
+            src, layout_of = node_of_value[body.outvars[j]]
+            node_of_value[e.outvars[j]] = (src, lambda k, f=layout_of: _stacked(f(k)))
+            chain[e.outvars[j]] = chain[body.outvars[j]] + ("stacked",)
+
+    def visit(eqns, mult):
+        for e in eqns:
+            trips[e] = mult
+            if _searchable_scan(e, node_of_value, program.closed):
+                open_scan(e, mult)
+            else:
+                place(e)
+
+    def place(e):
         fr = program.rules[e.index]
         if _follows(e, fr, node_of_value) and e.outvars[0] not in program.closed:
             i = next(i for i, v in enumerate(e.invars) if not v.is_const)
@@ -328,7 +364,7 @@ def _build(program, axis_sizes, links, axis, base, compute_rate, labels, sig_ids
             followers[e] = (root, derive, i)
             node_of_value[e.outvars[0]] = (root, lambda k, d=derive: d(k)[1])
             chain[e.outvars[0]] = chain[e.invars[i]] + (sig_ids[e],)
-            continue
+            return
         lab = labels.get(e.outvars[0], "") if e.outvars else ""
         sig = sig_ids[e]
         rank[(lab, sig)] += 1
@@ -357,6 +393,7 @@ def _build(program, axis_sizes, links, axis, base, compute_rate, labels, sig_ids
                 lambda lay: lay if later else lay.without_partial())(
                 _result_layout(fr, nodes[key].strategies[k], j, axis_sizes)))
             chain[o] = (key, j, later)
+    visit(graph.eqns, 1)
     for n in nodes.values():
         n.cost = np.zeros(len(n.strategies))
         n.memory = np.zeros(len(n.strategies))
@@ -375,17 +412,17 @@ def _build(program, axis_sizes, links, axis, base, compute_rate, labels, sig_ids
         v, fr = e.invars[i], program.rules[e.index]
         layout_of = node_of_value[v][1]
         work = lambda k: math.prod(float(n) for n in derive(k)[1].local_shape(e.outvars[0].shape, axis_sizes))
-        nodes[root].cost += once(("follow", chain[e.outvars[0]]), lambda: np.array(
+        nodes[root].cost += trips[e] * once(("follow", chain[e.outvars[0]]), lambda: np.array(
             [rt(layout_of(k), derive(k)[0], v) + work(k) / compute_rate
              for k in range(len(nodes[root].strategies))]))
     for e, key in node_of_eqn.items():
-        fr, node = program.rules[e.index], nodes[key]
+        fr, node, mult = program.rules[e.index], nodes[key], trips[e]
         if not e.subgraphs:     # a loop's or branch's work is its bodies', not searched here
-            node.cost += once(("work", key), lambda: np.array(
+            node.cost += mult * once(("work", key), lambda: np.array(
                 [_points(fr, s, axis_sizes) for s in node.strategies]) / compute_rate)
         for j, o in enumerate(e.outvars):
             if not e.subgraphs and o not in deferred:
-                node.cost += once(("reduce", key, j), lambda j=j, o=o: np.array(
+                node.cost += mult * once(("reduce", key, j), lambda j=j, o=o: np.array(
                     [rt(m, m.without_partial(), o) for m in
                      (_result_layout(fr, s, j, axis_sizes) for s in node.strategies)]))
         for i, v in enumerate(e.invars):
@@ -396,11 +433,33 @@ def _build(program, axis_sizes, links, axis, base, compute_rate, labels, sig_ids
                 src, layout_of = node_of_value[v]
                 matrix = once(("edge", chain[v], key, i), lambda: np.array(
                     [[rt(layout_of(k), w, v) for w in want()] for k in range(len(nodes[src].strategies))]))
-                _add_edge(edges, nodes, src, key, matrix)
+                _add_edge(edges, nodes, src, key, mult * matrix)
             else:   # annotated input: a fixed layout
-                node.cost += once(("fixed", program.in_paths[program.graph.invars.index(v)]
-                                   if v in program.graph.invars else id(v), key, i),
-                                  lambda: np.array([rt(program.layouts[v], w, v) for w in want()]))
+                node.cost += mult * once(("fixed", program.in_paths[program.graph.invars.index(v)]
+                                          if v in program.graph.invars else id(v), key, i),
+                                         lambda: np.array([rt(program.layouts[v], w, v) for w in want()]))
+    for bv, (e, i) in region_inputs.items():
+        # A searched scan's operand is resharded once, before the loop, into its body input's
+        # layout (stacked under the loop dim for a scanned-over operand).
+        key, v, mult = node_of_value[bv][0], e.invars[i], trips[e]
+        xs = i >= e.params["num_consts"] + e.params["num_carry"]
+        want = [_stacked(lay) if xs else lay for lay in nodes[key].strategies]
+        if v.is_const:
+            continue
+        if v in node_of_value:
+            src, layout_of = node_of_value[v]
+            _add_edge(edges, nodes, src, key, mult * np.array(
+                [[rt(layout_of(k), w, v) for w in want] for k in range(len(nodes[src].strategies))]))
+        else:
+            nodes[key].cost += mult * np.array([rt(program.layouts[v], w, v) for w in want])
+    for out, carry, mult in carries:
+        # Each iteration's carry-out is resharded into the carry-in layout.
+        if out.is_const or out not in node_of_value:
+            continue
+        src, layout_of = node_of_value[out]
+        key = node_of_value[carry][0]
+        _add_edge(edges, nodes, src, key, mult * np.array(
+            [[rt(layout_of(k), w, out) for w in nodes[key].strategies] for k in range(len(nodes[src].strategies))]))
     pairs = _state_pairs(program)
     for k, v in enumerate(graph.outvars):
         if v.is_const or v not in node_of_value or v in node_of_input:
@@ -423,7 +482,23 @@ def _build(program, axis_sizes, links, axis, base, compute_rate, labels, sig_ids
         nodes[src].memory += np.array([_bytes_per_device(v, f, axis_sizes) for f in final])
     for v, key in node_of_input.items():
         nodes[key].memory += np.array([_bytes_per_device(v, lay, axis_sizes) for lay in nodes[key].strategies])
-    return nodes, node_of_eqn, node_of_input, node_of_value, edges, pairs, deferred
+    return nodes, node_of_eqn, node_of_input, node_of_value, edges, pairs, deferred, region_inputs
+
+
+def _stacked(layout: Layout) -> Layout:
+    """A scan's stacked operand or result: the body's layout under an unsplit loop dim."""
+    return Layout(((),) + layout.dims)
+
+
+def _searchable_scan(e, node_of_value, closed) -> bool:
+    """Scans whose body the search places with the program: every body output is a body
+    value (no literal), and nothing inside is pinned by an annotation."""
+    if e.prim.name != "scan":
+        return False
+    (body,) = e.subgraphs
+    return (not any(v.is_const for v in body.outvars)
+            and not any(o in closed for be in body.all_eqns() for o in be.outvars)
+            and not any(v in closed for v in body.invars))
 
 
 #: Cost of reading a value partial that does not arrive so (a choice the plan cannot make).
@@ -638,8 +713,8 @@ def run(program, memory_budget=None, time_limit=10.0, compute_rate=DEFAULT_POINT
 
 def _materialize(program, built, choice, axis_sizes):
     """Write the chosen plan into the program: layouts (pinned), provenance, strategies."""
-    nodes, node_of_eqn, node_of_input, node_of_value, edges, pairs, deferred = built
-    producer = {o: e for e in program.graph.eqns for o in e.outvars}
+    nodes, node_of_eqn, node_of_input, node_of_value, edges, pairs, deferred, region_inputs = built
+    producer = {o: e for e in program.graph.all_eqns() for o in e.outvars}
     # A deferred result stays open: insert_collectives reduces it at its consumer, or passes
     # it on where the consumer's strategy reads it partial, as the search priced it.
     lazy = {v for v in deferred if v in node_of_value
@@ -653,6 +728,9 @@ def _materialize(program, built, choice, axis_sizes):
         n = len(nodes[key].strategies)
         if v in node_of_input:
             detail = f"layout search (MILP): input layout chosen among {n}"
+        elif v in region_inputs:
+            e = region_inputs[v][0]
+            detail = f"layout search (MILP): body input of {e.prim.name} at {e.source}, layout chosen among {n}"
         else:
             e = producer[v]
             detail = (f"layout search (MILP): {e.prim.name} at {e.source} "
@@ -680,7 +758,8 @@ def estimated_step_seconds(program, compute_rate=DEFAULT_POINTS_PER_SECOND) -> d
     compute (``points / compute_rate``) plus the alpha-beta time of every planned collective
     (latency in full). Compares plans on one scale: ``{"compute_s", "comm_s", "total_s"}``."""
     sizes = program.axis_sizes
-    compute = sum(_points(program.rules[e.index], program.assignments[e.index], sizes)
+    trips = _trips(program.graph)
+    compute = sum(trips.get(e, 1) * _points(program.rules[e.index], program.assignments[e.index], sizes)
                   for e in program.graph.all_eqns() if e.index in program.assignments
                   and not e.subgraphs)
     comm = 0.0
@@ -689,29 +768,58 @@ def estimated_step_seconds(program, compute_rate=DEFAULT_POINTS_PER_SECOND) -> d
             if t.is_collective:
                 n = t.group_size(sizes)
                 link = min((program.mesh.link(a) for a in t.axes), key=lambda l: l.bandwidth_bytes_per_s)
-                comm += link.time(t.kind, n, math.prod(t.in_shape) * np.dtype(r.value.dtype).itemsize)
+                comm += trips.get(r.value, 1) * link.time(
+                    t.kind, n, math.prod(t.in_shape) * np.dtype(r.value.dtype).itemsize)
     return {"compute_s": compute / compute_rate, "comm_s": comm, "total_s": compute / compute_rate + comm}
+
+
+def _trips(graph, mult=1, out=None) -> dict:
+    """Times per step each body equation and body value runs (the scan lengths around it; a
+    ``while`` loop's count is unknown and taken as 1, as the report does)."""
+    out = {} if out is None else out
+    for e in graph.eqns:
+        inner = mult * int(e.params.get("length", 1)) if e.prim.name == "scan" else mult
+        for sub in e.subgraphs:
+            for v in sub.invars:
+                out[v] = inner
+            for be in sub.eqns:
+                out[be] = inner
+                for o in be.outvars:
+                    out[o] = inner
+            _trips(sub, inner, out)
+    return out
 
 
 def describe_layers(program) -> dict[str, str]:
     """The chosen strategy per layer in words, read off the matmuls that use parameters:
     ``{"blocks.0.attn": "Megatron tensor parallel over model (column q,k,v; row out); batch
-    over data"}``. A parameter is a program input with a module path (``params['blocks']...``)."""
+    over data"}``. A parameter is a program input with a module path (``params['blocks']...``);
+    inside a scan over layers, the body input its stacked slice arrives as."""
     from ..compiler.report import layer_of, module_path
     graph = program.graph
     param = {v: module_path(p) for v, p in zip(graph.invars, program.in_paths)
              if module_path(p) and np.issubdtype(np.dtype(v.dtype), np.floating)
              and not re.search(r"\.(mu|nu|count)\b|\[\d+\]\.", p)}
+    stored_as = {v: program.layouts[v] for v in param}
+    for e in graph.all_eqns():
+        if e.prim.name == "scan":
+            (body,) = e.subgraphs
+            first_xs = e.params["num_consts"] + e.params["num_carry"]
+            for i, (outer, inner) in enumerate(zip(e.invars, body.invars)):
+                if outer in param:
+                    param[inner] = param[outer]
+                    lay = stored_as[outer]
+                    stored_as[inner] = Layout(lay.dims[1:]) if i >= first_xs else lay
     phrases: dict = defaultdict(list)
     seen = set()
-    for e in graph.eqns:
+    for e in graph.all_eqns():
         if e.prim.name != "dot_general" or e.index not in program.assignments:
             continue
         fr, s = program.rules[e.index], program.assignments[e.index]
         for i, v in enumerate(e.invars):
-            if v not in param or v in seen:
+            if v not in param or param[v] in seen:
                 continue
-            seen.add(v)
+            seen.add(param[v])          # its first use: the forward pass
             mp = param[v]
             phrases.setdefault(layer_of(mp), [])
             name = mp.rsplit(".", 1)[-1]
@@ -727,7 +835,7 @@ def describe_layers(program) -> dict[str, str]:
                         phrases[layer_of(mp)].append(("column", a, name))
                     elif f in other:
                         phrases[layer_of(mp)].append(("batch", a, name))
-            stored = program.layouts[v]
+            stored = stored_as[v]
             read = program.operand_layouts.get((e.index, i))
             for a in {a for d in stored.dims for a in d} - {a for d in (read.dims if read else ()) for a in d}:
                 phrases[layer_of(mp)].append(("stored", a, name))

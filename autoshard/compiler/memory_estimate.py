@@ -197,7 +197,7 @@ class _Schedule:
         copies: dict = {}
         same: dict = {}                         # one copy per (value, layout, order): CSE
         for e in eqns:
-            for k, order in _conv_copies(e):
+            for k, order in _operand_copies(e):
                 v = e.invars[k]
                 if not v.is_const and not (v in produced and produced[v].prim.name in ("rev", "transpose")):
                     lay = p.operand_layouts.get((e.index, k)) or p.final_layout(v)
@@ -360,12 +360,28 @@ def _canonical_order(e, which):
     return None if want == tuple(range(len(spec))) else want
 
 
-def _conv_copies(e):
-    """Operand indices of ``e`` XLA copies into a canonical layout before running it."""
-    if e.prim.name != "conv_general_dilated":
-        return ()
-    return [(k, _canonical_order(e, which)) for k, which in enumerate(("lhs", "rhs"))
-            if _canonical_order(e, which) is not None]
+def _dot_order(e, k):
+    """For operand ``k`` of dot ``e``: None when its dims are already (batch, free,
+    contracting) or (batch, contracting, free) in order (XLA CPU's matmuls take either),
+    else the order XLA copies it into first."""
+    (lc, rc), (lb, rb) = e.params["dimension_numbers"]
+    contract, batch = (lc, lb) if k == 0 else (rc, rb)
+    rank = len(e.invars[k].shape)
+    free = tuple(d for d in range(rank) if d not in contract and d not in batch)
+    ident = tuple(range(rank))
+    orders = ((*batch, *free, *contract), (*batch, *contract, *free))
+    return None if ident in orders else orders[k]
+
+
+def _operand_copies(e):
+    """``[(operand index, order)]``: operands of ``e`` XLA copies into a canonical layout
+    before running it (convolutions; batched matmuls whose batch dims do not lead)."""
+    if e.prim.name == "conv_general_dilated":
+        return [(k, _canonical_order(e, which)) for k, which in enumerate(("lhs", "rhs"))
+                if _canonical_order(e, which) is not None]
+    if e.prim.name == "dot_general" and len(e.invars) == 2:
+        return [(k, _dot_order(e, k)) for k in (0, 1) if _dot_order(e, k) is not None]
+    return ()
 
 
 def _collective_results(rep):

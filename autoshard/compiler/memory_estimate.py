@@ -603,7 +603,6 @@ def step_memory(rep, base: dict) -> dict:
         "activations_for_backward": int(sum(size[w] for w in residual)),
         "largest_temporary": int(max(size.values(), default=0)),
         "temporaries_peak": temp["peak"],
-        "temporaries_in_outputs": temp["in_outputs"],
         "step_total": int(base["arguments"] + base["outputs"] + tuple_table + temp["peak"]),
     }
 

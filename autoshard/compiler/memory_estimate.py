@@ -122,6 +122,17 @@ def materialized(rep) -> dict:
                         size[v] = max(size.get(v, 0), full)
                     else:               # a parameter's broadcast, made at the start
                         bcast_inputs[id(u)] = bcast_inputs.get(id(u), 0) + full
+        # Elementwise results read only by operands copied into a canonical layout are fused
+        # into those copies (the copy is what is stored, see _Schedule).
+        copied = {(u.index, k) for u in graph.eqns for k, _ in _operand_copies(u)}
+
+        def only_copied(o):
+            return all((u.index, k) in copied for u in users.get(o, ()) for k, w in enumerate(u.invars)
+                       if w is o) and users.get(o) and o not in moved and not (top and o in top_io)
+        for e in graph.eqns:
+            if e.prim.name in _FUSIBLE and e.prim.name != "transpose" and len(e.outvars) == 1 \
+                    and only_copied(e.outvars[0]):
+                size[e.outvars[0]] = 0
         # A reshape is a bitcast in XLA: what it reads is stored instead, and lives on.
         for e in reversed(graph.eqns):
             if e.prim.name in _BITCAST and len(e.outvars) == 1 and e.invars and not e.invars[0].is_const:
@@ -282,8 +293,9 @@ class _Schedule:
         for e in reversed(eqns):
             if is_real[id(e)]:
                 run_at[id(e)] = pos[id(e)]
-            else:
-                at = [run_at[id(u)] for o in e.outvars for u in readers.get(o, ())]
+            else:                               # read by a copy: when the copy runs
+                at = [pos[copies[(u.index, k)][0]] if (u.index, k) in copies else run_at[id(u)]
+                      for o in e.outvars for u in readers.get(o, ()) for k, w in enumerate(u.invars) if w is o]
                 run_at[id(e)] = max(at, default=pos[id(e)])
         self.run_at = run_at
         # Live intervals (times doubled: an in-place output starts after its operand ends).

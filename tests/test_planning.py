@@ -1,8 +1,8 @@
 """Planning without devices (issue #8): abstract meshes, per-step memory and communication
 estimates, and their validation against what XLA compiles on the 8-device CPU mesh.
 
-Fast tests run by default; the 128-layer plan and the three validation pairs that compile
-longest are ``slow`` (``pytest -q -m slow tests/test_planning.py``).
+Fast tests run by default; the 128-layer plan is ``slow`` (``pytest -q -m slow
+tests/test_planning.py``).
 """
 from __future__ import annotations
 
@@ -20,19 +20,12 @@ from autoshard.errors import PlanningOnlyError
 from autoshard.models import MODEL_NAMES, get_model, gpt, presets
 from autoshard.runtime.hlo import parse_collectives
 
+
 # Validation pairs: every reference model under every strategy it has, on the 8-device mesh
-# with the axes the strategy needs. The slow-marked ones compile longest (7-9 s each on 2
-# CPU cores); the default set keeps every strategy of gpt and mlp and the others of moe, cnn.
-_SLOW_PAIRS = {("moe", "dp"), ("moe", "dp_tp"), ("cnn", "dp")}
-
-
+# with the axes the strategy needs (all of them: ~60 s on 2 CPU cores).
 def _pairs():
-    out = []
-    for name in MODEL_NAMES:
-        for strategy in presets.strategies(name):
-            marks = [pytest.mark.slow] if (name, strategy) in _SLOW_PAIRS else []
-            out.append(pytest.param(name, strategy, id=f"{name}-{strategy}", marks=marks))
-    return out
+    return [pytest.param(name, strategy, id=f"{name}-{strategy}")
+            for name in MODEL_NAMES for strategy in presets.strategies(name)]
 
 
 def _mesh_axes(strategy):

@@ -6,16 +6,25 @@ layouts, collectives): no compile, so it works on abstract meshes. ``step_total`
 
 1. Fusion (``materialized``): an elementwise result all of whose users are elementwise ops
    or reductions is fused into them and never stored, unless it is *expensive* (exp, log,
-   tanh, divide, ...) and read by more than one fusion (XLA's instruction fusion does not
+   tanh, divide, ...) and read by more than one fusion (instruction fusion does not
    duplicate expensive ops). Reductions XLA CPU hands to YNNPACK fuse only the product that
-   feeds them; that product's broadcast operands are stored whole. Dots, convolutions,
-   reductions, gathers, loop outputs and collective operands are stored.
-2. Schedule (``_Schedule``): XLA CPU orders a computation breadth-first (Kahn's algorithm
+   feeds them; that product's broadcast operands are stored whole (a parameter's broadcast
+   from the start of the step). Dots, convolutions, reductions, gathers and collective
+   operands are stored; a reshape is a bitcast (what it reads is stored instead); a loop
+   body's results are written straight into the loop's carry / stacked output buffers.
+2. Canonical layouts: XLA CPU's convolutions take (batch, spatial, feature) operands and
+   (spatial, in, out) kernels, its batched matmuls operands whose batch dims lead. Other
+   operands are copied first, one copy per (value, layout, order), and an elementwise
+   result read only through such copies is fused into them.
+3. Schedule (``_Schedule``): XLA CPU orders a computation breadth-first (Kahn's algorithm
    with a FIFO queue, the concurrency-optimized scheduler): an instruction runs as soon as
-   its operands exist. Fused equations take no slot; they run inside the fusion that reads
+   its operands exist. So a copy or all-gather of a parameter runs at the start and is kept
+   to its last reader. Fused equations take no slot; they run inside the fusion that reads
    them, so their operands live until that fusion runs. Collective results are nodes of
-   their own (an all-gathered parameter is gathered at the start and kept to its last use).
-3. Buffer assignment (``temporaries``): each stored value lives from the instruction that
+   their own; independent all-reduces over the same axes are one (XLA's all-reduce
+   combiner, up to 30 MiB / 256 operands), so every gradient all-reduce of a data-parallel
+   step runs after the last gradient, and the parameter updates after it.
+4. Buffer assignment (``temporaries``): each stored value lives from the instruction that
    makes it to the last one that reads it; an elementwise fusion writes in place into an
    operand of its size that dies there. Output buffers (updated parameters and optimizer
    state) are free until they are written, and XLA assigns temporaries there first (largest
@@ -177,7 +186,6 @@ class _Schedule:
 
     def __init__(self, rep, graph, top, size, coll_of, coll_bytes, coll_kind):
         p = rep.program
-        self.graph = graph
         eqns = graph.eqns
         produced = {o: e for e in eqns for o in e.outvars}
         outs = set(graph.outvars)

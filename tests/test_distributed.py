@@ -141,8 +141,8 @@ def test_two_processes_match_one_process_with_eight_devices():
     # Both processes see the same replicated loss, bit for bit.
     assert results[0]["losses"] == results[1]["losses"]
     # Same program, same device count: equal up to the summation order of gloo's all-reduce
-    # (measured: step 0 bit-identical, later steps within 1.1e-7 relative, i.e. 1 ulp).
-    assert results[0]["losses"][0] == losses[0]
+    # (measured: within 1 float32 ulp, ~1e-7 relative, from step 0 on; bit-identical step 0
+    # on one install, not on another with the same jax: no bitwise claim).
     for got, want in zip(results[0]["losses"], losses):
         assert abs(got - want) <= 1e-6 * abs(want), (results[0]["losses"], losses)
     # And against one device (float tolerance).

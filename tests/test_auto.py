@@ -212,3 +212,23 @@ def test_scanned_layers_body_is_searched_cheaper_than_every_preset_and_equals_on
     assert describe_layers(program)["blocks"] != "replicated: every device computes the whole layer"
     assert_report_matches_hlo(pf, *args)
     _close(pf(*args), jax.jit(step)(*args))
+
+
+def test_bfloat16_parameters_are_labelled_so_layers_merge():
+    """Layer merging labels values by their nearest floating parameter; bfloat16 parameters
+    count (numpy's issubdtype does not know bfloat16 is a float)."""
+    import dataclasses
+    from autoshard.models import gpt
+    mesh = ash.make_mesh("data=2,model=4")
+    sizes = []
+    for layers in (2, 3):
+        cfg = dataclasses.replace(gpt.SIZES["test"], n_layers=layers, dtype=jax.numpy.bfloat16)
+        model_def, params = gpt.abstract_init(cfg)
+        optimizer = gpt.default_optimizer()
+        args = (params, jax.eval_shape(optimizer.init, params), gpt.abstract_batch(cfg, 8))
+        pf = _auto(gpt.make_train_step(model_def, optimizer), mesh,
+                   {"tokens": P("data", None), "labels": P("data", None)})
+        program = pf.program(*args)
+        sizes.append((program.search.nodes, program.search.variables))
+        assert {f"blocks.{i}.mlp" for i in range(layers)} <= set(describe_layers(program))
+    assert sizes[0] == sizes[1], sizes

@@ -84,3 +84,19 @@ def test_six_heads_over_four_devices():
     q_heads = ash.parallelize(lambda x, wq: ash.constrain((x @ wq).reshape(b, t, heads, dh), P(None, None, "model")),
                               mesh=ash.make_mesh("data=2,model=4"), in_specs=(None, None))
     np.testing.assert_allclose(q_heads(x, wq), (x @ wq).reshape(b, t, heads, dh), rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_uneven_max_min_and_gather_fill_are_exact():
+    """bfloat16 is a float to the rules (numpy's issubdtype says it is not): padding under a
+    split max/min is masked with -inf/+inf, and an out-of-bounds gather fills with NaN."""
+    x = jnp.asarray(RNG.normal(size=(10, 50)), jnp.bfloat16)
+    idx = jnp.asarray([0, 3, 9, 12, -1, 4])          # 12 and -1 are out of bounds
+
+    def f(x, idx):
+        gathered = x.at[idx].get(mode="fill")
+        return x.max(0), x.min(0), gathered
+
+    pf = ash.parallelize(f, mesh=ash.make_mesh("data=4,model=2"), in_specs=(P("data", "model"), None))
+    got, want = pf(x, idx), f(x, idx)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))

@@ -40,6 +40,7 @@ import bisect
 import re
 from collections import deque
 
+import jax
 import numpy as np
 
 # Results XLA fuses into their users (not kept in memory) when every user is in _ABSORB.
@@ -71,7 +72,7 @@ def _expensive(e) -> bool:
     if name not in _EXPENSIVE:
         return False
     if name in ("div", "rem"):
-        return any(np.issubdtype(np.dtype(o.dtype), np.floating) for o in e.outvars)
+        return any(jax.dtypes.issubdtype(np.dtype(o.dtype), np.floating) for o in e.outvars)
     return True
 
 
@@ -590,7 +591,7 @@ def step_memory(rep, base: dict) -> dict:
     (arguments + outputs + temporaries - aliased)."""
     p, size = rep.program, materialized(rep)
     # Forward part: equations the scalar floating outputs (the loss) depend on.
-    want = [v for v in p.graph.outvars if not v.shape and np.issubdtype(v.dtype, np.floating)]
+    want = [v for v in p.graph.outvars if not v.shape and jax.dtypes.issubdtype(v.dtype, np.floating)]
     forward, stack = set(), [v for v in want if v in rep._producer]
     while stack:
         e = rep._producer[stack.pop()]

@@ -41,6 +41,7 @@ import sys
 from collections import deque
 from dataclasses import asdict, dataclass
 
+import jax
 import numpy as np
 
 from . import memory_estimate
@@ -348,7 +349,7 @@ class ShardingReport:
                     raise ValueError(f"role {role!r} for argument {i} is not one of {ROLES}")
             elif any(_OPT_KEYS.search(path[len(f"args[{i}]"):]) for _, path in items):
                 role = "optimizer state"
-            elif all(np.issubdtype(v.dtype, np.integer) or np.dtype(v.dtype) == np.bool_ for v, _ in items) \
+            elif all(jax.dtypes.issubdtype(v.dtype, np.integer) or np.dtype(v.dtype) == np.bool_ for v, _ in items) \
                     or any(_BATCH_KEYS.search(path) for _, path in items):
                 role = "batch"
             elif any(module_path(path) for _, path in items):
@@ -371,7 +372,7 @@ class ShardingReport:
         p = self.program
         label, queue = {}, deque()
         for v, path in zip(p.graph.invars, p.in_paths):
-            if self.role_of(path) == "batch" or not np.issubdtype(v.dtype, np.floating):
+            if self.role_of(path) == "batch" or not jax.dtypes.issubdtype(v.dtype, np.floating):
                 continue
             mp = module_path(path)
             if mp and v not in label:
@@ -772,7 +773,7 @@ class ShardingReport:
             if v in inputs:
                 path = inputs[v]
                 return (v, path) if self.role_of(path) in ("parameters", "optimizer state", "inputs") \
-                    and np.issubdtype(v.dtype, np.floating) else None
+                    and jax.dtypes.issubdtype(v.dtype, np.floating) else None
             e = self._producer.get(v)
             live = [x for x in e.invars if not x.is_const] if e is not None else []
             if e is None or e.prim.name not in _PASS_THROUGH or len(live) != 1:

@@ -36,6 +36,7 @@ import re
 import time
 from collections import defaultdict, deque
 
+import jax
 import numpy as np
 
 from ..compiler.factors import (_axis_conflicts, _legalize,
@@ -179,7 +180,7 @@ def _labels(program) -> dict:
     label, queue = {}, deque()
     for v, path in zip(graph.invars, program.in_paths):
         mp = module_path(path)
-        if mp and np.issubdtype(np.dtype(v.dtype), np.floating):
+        if mp and jax.dtypes.issubdtype(np.dtype(v.dtype), np.floating):
             label[v] = mp
             queue.append(v)
     users, producer = defaultdict(list), {}
@@ -798,7 +799,7 @@ def describe_layers(program) -> dict[str, str]:
     from ..compiler.report import layer_of, module_path
     graph = program.graph
     param = {v: module_path(p) for v, p in zip(graph.invars, program.in_paths)
-             if module_path(p) and np.issubdtype(np.dtype(v.dtype), np.floating)
+             if module_path(p) and jax.dtypes.issubdtype(np.dtype(v.dtype), np.floating)
              and not re.search(r"\.(mu|nu|count)\b|\[\d+\]\.", p)}
     stored_as = {v: program.layouts[v] for v in param}
     for e in graph.all_eqns():

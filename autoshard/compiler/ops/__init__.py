@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import jax
 import numpy as np
 
 from ...errors import UnsupportedPrimitiveError
@@ -132,7 +133,7 @@ def get_rule(eqn) -> OpRule:
 def extreme_value(dtype, low: bool):
     """The lowest (``low``) or highest value of ``dtype``: the identity of max (min)."""
     dtype = np.dtype(dtype)
-    if np.issubdtype(dtype, np.floating):
+    if jax.dtypes.issubdtype(dtype, np.floating):
         return -np.inf if low else np.inf
     if dtype == np.bool_:
         return not low

@@ -20,6 +20,7 @@ split too: each device scatters only the ids in its block.
 """
 from __future__ import annotations
 
+import jax
 import numpy as np
 from jax import lax
 from jax.lax import GatherScatterMode
@@ -42,12 +43,12 @@ def _block_offset(layout, dim, local, axis_sizes):
 
 def _default_fill(dtype):
     dtype = np.dtype(dtype)
-    if np.issubdtype(dtype, np.inexact):
+    if jax.dtypes.issubdtype(dtype, np.inexact):
         return np.nan
     if dtype == np.bool_:
         return True
     info = np.iinfo(dtype)
-    return info.min if np.issubdtype(dtype, np.signedinteger) else info.max
+    return info.min if jax.dtypes.issubdtype(dtype, np.signedinteger) else info.max
 
 
 def _localize_gather(eqn, ctx):
@@ -136,7 +137,7 @@ def _gather_partial(eqn):
     if eqn.params["mode"] != GatherScatterMode.FILL_OR_DROP:
         return "unary_any"
     fill = eqn.params.get("fill_value")
-    inexact = np.issubdtype(np.dtype(eqn.outvars[0].dtype), np.inexact)
+    inexact = jax.dtypes.issubdtype(np.dtype(eqn.outvars[0].dtype), np.inexact)
     if (fill is None and inexact) or (fill is not None and (fill == 0 or np.isnan(fill))):
         return "unary_any"
     return "unary_max"

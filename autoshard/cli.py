@@ -440,7 +440,8 @@ def main(argv=None) -> int:
         p.add_argument("--compute-rate", type=float, default=None,
                        help="auto: per-device work rate of the cost model, points per second (default 1e12)")
         p.add_argument("--memory-budget", type=int, default=None,
-                       help="auto: bytes per device for the step's inputs and outputs")
+                       help="auto: bytes per device for the step's inputs, outputs and "
+                            "activations kept for backward")
         p.add_argument("--batch", type=int, default=None, help="global batch (default 8; with --size: "
                                                                 "one sequence per batch shard)")
 

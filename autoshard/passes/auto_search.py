@@ -24,8 +24,15 @@ The problem:
   per (edge, strategy pair) with transport constraints (exact for one-hot nodes), the
   memory budget as one row; a time limit returns the best plan found.
 
-Loop and branch bodies are not searched: a region equation takes its bodies' layouts from
-propagation around the layouts chosen here.
+* **Partials**: an equation linear in an operand may read it partial and pass the partial on
+  (``PassPartial``); a result with one such use arrives as made, its reduction priced where it
+  happens. **Scans**: the body's equations are nodes priced per iteration, its inputs nodes
+  resharded once before the loop, each carry-out priced back into its carry-in layout.
+* **Memory**: per strategy, the per-device bytes of program inputs, outputs and activations
+  kept for backward; ``memory_budget`` bounds their sum.
+
+``while``, ``cond`` and remat bodies are not searched: such a region takes its bodies'
+layouts from propagation around the layouts chosen here.
 """
 from __future__ import annotations
 
@@ -223,7 +230,7 @@ class _Node:
     strategies: list                 # assignments (equations) or Layouts (inputs)
     members: list                    # equations or input values
     cost: np.ndarray = None          # per strategy
-    memory: np.ndarray = None        # per-device bytes per strategy (inputs and outputs)
+    memory: np.ndarray = None        # per-device bytes per strategy (inputs, outputs, residuals)
 
 
 def _follows(e, fr, node_of_value) -> bool:
@@ -288,7 +295,8 @@ def _signature_ids(program) -> dict:
     return {e: interned.setdefault(_signature(e), len(interned)) for e in program.graph.all_eqns()}
 
 
-def _build(program, axis_sizes, links, axis, base, compute_rate, labels, sig_ids, passing, deferred):
+def _build(program, axis_sizes, links, axis, base, compute_rate, labels, sig_ids, passing, deferred,
+           residuals):
     """The problem for mesh axis ``axis``, the axes before it fixed as ``base`` (node key ->
     chosen assignment or input layout)."""
     graph = program.graph
@@ -483,6 +491,12 @@ def _build(program, axis_sizes, links, axis, base, compute_rate, labels, sig_ids
         nodes[src].memory += np.array([_bytes_per_device(v, f, axis_sizes) for f in final])
     for v, key in node_of_input.items():
         nodes[key].memory += np.array([_bytes_per_device(v, lay, axis_sizes) for lay in nodes[key].strategies])
+    for v in residuals:
+        # Activations kept for the backward pass live through the step: in the budget too.
+        if v in node_of_value and v not in node_of_input:
+            src, layout_of = node_of_value[v]
+            nodes[src].memory += np.array([_bytes_per_device(v, layout_of(k), axis_sizes)
+                                           for k in range(len(nodes[src].strategies))])
     return nodes, node_of_eqn, node_of_input, node_of_value, edges, pairs, deferred, region_inputs
 
 
@@ -504,6 +518,24 @@ def _searchable_scan(e, node_of_value, closed) -> bool:
 
 #: Cost of reading a value partial that does not arrive so (a choice the plan cannot make).
 _UNREACHABLE_SECONDS = 10.0
+
+
+def _residuals(program) -> set:
+    """Top-level values the loss's forward part makes and the rest of the step reads (the
+    activations kept for the backward pass, a forward scan's stacked ones included)."""
+    graph = program.graph
+    producer = {o: e for e in graph.eqns for o in e.outvars}
+    loss = [v for v in graph.outvars if not v.is_const and not v.shape
+            and jax.dtypes.issubdtype(v.dtype, np.floating) and v in producer]
+    forward, stack = set(), [producer[v] for v in loss]
+    while stack:
+        e = stack.pop()
+        if e not in forward:
+            forward.add(e)
+            stack += [producer[w] for w in e.invars if w in producer and producer[w] not in forward]
+    kept = {w for e in graph.eqns if e not in forward for w in e.invars
+            if w in producer and producer[w] in forward}
+    return kept - set(graph.outvars)
 
 
 def _deferrable(program, passing) -> dict:
@@ -630,7 +662,8 @@ def _solve(nodes, edges, memory_budget, time_limit):
     if result.x is None:
         raise NoFeasiblePlanError(
             f"the layout search found no plan ({result.message.strip()})",
-            fix=("raise memory_budget (per-device bytes of the step's inputs and outputs), use "
+            fix=("raise memory_budget (per-device bytes of the step's inputs, outputs and "
+                 "activations kept for backward), use "
                  "a larger mesh, or annotate fewer values" if memory_budget is not None
                  else "report this program: without a budget every node has a feasible strategy"))
     choice = {k: int(np.argmax(result.x[offset[k]:offset[k] + len(nodes[k].strategies)])) for k in keys}
@@ -650,7 +683,7 @@ def run(program, memory_budget=None, time_limit=10.0, compute_rate=DEFAULT_POINT
     labels = _labels(program)
     sig_ids = _signature_ids(program)
     passing = {e: ops for e in program.graph.eqns if (ops := _passing(e, program.rules[e.index]))}
-    context = (labels, sig_ids, passing, _deferrable(program, passing))
+    context = (labels, sig_ids, passing, _deferrable(program, passing), _residuals(program))
     solve_limit = time_limit / (4 * max(1, len(axis_sizes)))
     # One MILP per mesh axis, the axes before it fixed: each axis adds "none, or one factor"
     # to every node's strategy, so a problem has a few strategies per node instead of their
@@ -696,7 +729,7 @@ def run(program, memory_budget=None, time_limit=10.0, compute_rate=DEFAULT_POINT
         within = f" within memory_budget={memory_budget:,} bytes per device" if memory_budget is not None else ""
         raise NoFeasiblePlanError(
             f"the layout search found no plan{within} (" + "; ".join(f.splitlines()[0] for f in failures) + ")",
-            fix="raise memory_budget (per-device bytes of the step's inputs and outputs), use a "
+            fix="raise memory_budget (per-device bytes of the step's inputs, outputs and activations kept for backward), use a "
                 "larger mesh, or annotate fewer values")
     # The cheapest plan by the MILP's own objective (the cost of the executed plan, except
     # that insert_collectives may pass more partials on than the search priced).

@@ -373,8 +373,8 @@ def parallelize(fun=None, *, mesh, in_specs=None, out_specs=None, static_argnums
 
     ``auto=True`` chooses every layout the annotations leave open by a MILP over the factor
     rules' strategies (``passes/auto_search.py``); ``memory_budget`` (bytes per device of the
-    step's inputs and outputs) constrains it, ``search_time_limit`` bounds the solver (seconds;
-    the best plan found is used)."""
+    step's inputs, outputs and activations kept for backward) constrains it,
+    ``search_time_limit`` bounds the solver (seconds; the best plan found is used)."""
     def wrap(f):
         return ParallelFunction(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
                                 static_argnums=static_argnums, donate_argnums=donate_argnums, auto=auto,

@@ -23,9 +23,9 @@ GPT_CFG = dict(vocab_size=128, d_model=32, n_heads=8, seq_len=16)
 SLOW_DEVICE = 1e10        # points per second: compute-bound regime
 
 
-def _gpt(n_layers, batch_size=8):
+def _gpt(n_layers, batch_size=8, **config):
     m = get_model("gpt")
-    cfg = m.Config(**GPT_CFG, n_layers=n_layers)
+    cfg = m.Config(**GPT_CFG, n_layers=n_layers, **config)
     model_def, params = m.init(cfg, seed=0)
     optimizer = m.default_optimizer()
     batch = m.make_batch(cfg, batch_size, seed=0)
@@ -43,6 +43,12 @@ def _preset(model, step, args, strategy, mesh):
     specs = (presets.param_specs(model, args[0], strategy, axes, dict(mesh.shape)), None,
              presets.batch_specs(model, args[2], strategy, axes))
     return ash.parallelize(step, mesh=mesh, in_specs=specs)
+
+
+def _gpt_preset_costs(step, args, mesh, rate) -> dict:
+    """Estimated step seconds of every GPT preset on ``mesh`` under the search's cost model."""
+    return {s: estimated_step_seconds(_preset("gpt", step, args, s, mesh).program(*args), rate)["total_s"]
+            for s in ("dp", "fsdp", "tp", "dp_tp")}
 
 
 def _close(got, want):
@@ -63,8 +69,7 @@ def test_gpt_12_layers_batch_only_against_every_preset_and_equals_one_device(rat
     program = pf.program(*args)
     rate = program.search_compute_rate
     auto_cost = estimated_step_seconds(program, rate)["total_s"]
-    costs = {s: estimated_step_seconds(_preset("gpt", step, args, s, mesh).program(*args), rate)["total_s"]
-             for s in ("dp", "fsdp", "tp", "dp_tp")}
+    costs = _gpt_preset_costs(step, args, mesh, rate)
     assert auto_cost <= min(costs.values()) * (1 + 1e-9), (auto_cost, costs)
     # The report of the auto plan is the compiled program's, and the program is exact.
     assert_report_matches_hlo(pf, *args)
@@ -200,19 +205,13 @@ def test_scanned_layers_body_is_searched_cheaper_than_every_preset_and_equals_on
     """A scan over layers is searched with the program: its body's equations are nodes whose
     costs count once per iteration, its inputs are nodes (resharded once before the loop), and
     each carry-out is priced back into its carry-in layout."""
-    m = get_model("gpt")
-    cfg = m.Config(**GPT_CFG, n_layers=3, scan_layers=True)
-    model_def, params = m.init(cfg, seed=0)
-    optimizer = m.default_optimizer()
-    args = (params, optimizer.init(params), m.make_batch(cfg, 8, seed=0))
-    step = m.make_train_step(model_def, optimizer)
+    step, args = _gpt(3, scan_layers=True)
     mesh = ash.make_mesh("data=2,model=4")
     pf = _auto(step, mesh, {"tokens": P("data", None), "labels": P("data", None)}, compute_rate=SLOW_DEVICE)
     program = pf.program(*args)
     assert program.search.status.endswith("Optimal)")
     auto_cost = estimated_step_seconds(program, SLOW_DEVICE)["total_s"]
-    costs = {s: estimated_step_seconds(_preset("gpt", step, args, s, mesh).program(*args), SLOW_DEVICE)["total_s"]
-             for s in ("dp", "fsdp", "tp", "dp_tp")}
+    costs = _gpt_preset_costs(step, args, mesh, SLOW_DEVICE)
     assert auto_cost <= min(costs.values()), (auto_cost, costs)
     # Body matmuls split the work: the scanned weights' words come from inside the loop.
     assert describe_layers(program)["blocks"] != "replicated: every device computes the whole layer"

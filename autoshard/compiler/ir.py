@@ -216,6 +216,41 @@ def from_closed_jaxpr(closed) -> Graph:
     return dce(graph)
 
 
+def trip_counts(graph: Graph, mult: int = 1, out: dict | None = None) -> dict:
+    """Times per step each loop-body equation and value runs: the product of the trip counts
+    of the loops around it (``scan``: its ``length``; a ``while`` loop's count is not known
+    from the program: taken as 1). What is absent runs once."""
+    out = {} if out is None else out
+    for e in graph.eqns:
+        inner = mult * int(e.params.get("length", 1)) if e.prim.name == "scan" else mult
+        for sub in e.subgraphs:
+            if inner != 1:
+                out.update(dict.fromkeys(sub.invars, inner))
+                for be in sub.eqns:
+                    out[be] = inner
+                    out.update(dict.fromkeys(be.outvars, inner))
+            trip_counts(sub, inner, out)
+    return out
+
+
+def loss_residuals(graph: Graph) -> tuple[set, set]:
+    """``(forward, kept)``: the top-level equations the scalar floating outputs (the loss)
+    depend on, and the values they make that other top-level equations read (the
+    activations kept for the backward pass)."""
+    producer = {o: e for e in graph.eqns for o in e.outvars}
+    stack = [producer[v] for v in graph.outvars
+             if not v.shape and v in producer and jax.dtypes.issubdtype(v.dtype, np.floating)]
+    forward: set = set()
+    while stack:
+        e = stack.pop()
+        if e not in forward:
+            forward.add(e)
+            stack += [producer[w] for w in e.invars if w in producer and producer[w] not in forward]
+    kept = {w for e in graph.eqns if e not in forward for w in e.invars
+            if w in producer and producer[w] in forward}
+    return forward, kept
+
+
 def dce(graph: Graph, top: bool = True) -> Graph:
     """Drop equations none of whose results reach an output (effects-free jaxprs only).
     Region bodies are cleaned too, but keep all their outputs (the loop needs them)."""

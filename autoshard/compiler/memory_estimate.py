@@ -43,6 +43,8 @@ from collections import deque
 import jax
 import numpy as np
 
+from .ir import loss_residuals
+
 # Results XLA fuses into their users (not kept in memory) when every user is in _ABSORB.
 _FUSIBLE = {"neg", "sign", "floor", "ceil", "round", "is_finite", "exp", "exp2", "log", "log1p", "expm1",
             "tanh", "logistic", "sin", "cos", "tan", "sqrt", "rsqrt", "cbrt", "abs", "not", "erf", "erfc",
@@ -590,23 +592,8 @@ def step_memory(rep, base: dict) -> dict:
     the peak of temporaries, and the total XLA's ``memory_analysis()`` reports
     (arguments + outputs + temporaries - aliased)."""
     p, size = rep.program, materialized(rep)
-    # Forward part: equations the scalar floating outputs (the loss) depend on.
-    want = [v for v in p.graph.outvars if not v.shape and jax.dtypes.issubdtype(v.dtype, np.floating)]
-    forward, stack = set(), [v for v in want if v in rep._producer]
-    while stack:
-        e = rep._producer[stack.pop()]
-        if id(e) in forward:
-            continue
-        forward.add(id(e))
-        stack += [w for w in e.invars if w in rep._producer and id(rep._producer[w]) not in forward]
-    residual = set()
-    for e in p.graph.eqns:
-        if id(e) in forward:
-            continue
-        for w in e.invars:
-            pe = rep._producer.get(w)
-            if pe is not None and id(pe) in forward and size.get(w, 0):
-                residual.add(w)
+    forward, kept = loss_residuals(p.graph)
+    residual = {w for w in kept if size.get(w, 0)}
     # Gradients: one per parameter, in the layout of its updated value (or its own).
     params = {path: (v, p.layouts[v]) for v, path in zip(p.graph.invars, p.in_paths)
               if rep.role_of(path) == "parameters"}

@@ -46,6 +46,7 @@ import numpy as np
 
 from . import memory_estimate
 from .cost_model import LinkModel
+from .ir import trip_counts
 from .layout import Layout
 
 SCHEMA_VERSION = 1
@@ -416,33 +417,10 @@ class ShardingReport:
         return self._consumers.get((id(r.value), r.dst, r.consumer))
 
     def _trip_counts(self) -> dict:
-        """Times per step each value of a loop body is made: the product of the trip counts
-        of the loops around it (``scan``: its ``length``; a ``while`` loop's count is not
-        known from the program: taken as 1, and ``unknown_trip_counts`` says so). Values
-        outside loops are absent (once)."""
-        trips: dict = {}
-        self.unknown_trip_counts = 0
-
-        def walk(graph, mult):
-            for e in graph.eqns:
-                if not e.subgraphs:
-                    continue
-                name = e.prim.name
-                inner = mult
-                if name == "scan":
-                    inner = mult * int(e.params.get("length", 1))
-                elif name == "while":
-                    self.unknown_trip_counts += 1
-                for sub in e.subgraphs:
-                    if inner != 1:
-                        for v in sub.invars:
-                            trips[v] = inner
-                        for be in sub.eqns:
-                            for o in be.outvars:
-                                trips[o] = inner
-                    walk(sub, inner)
-        walk(self.program.graph, 1)
-        return trips
+        """``ir.trip_counts`` of the program; a ``while`` loop's count is not known from the
+        program (taken as 1), and ``unknown_trip_counts`` says how many there are."""
+        self.unknown_trip_counts = sum(e.prim.name == "while" for e in self._eqns)
+        return trip_counts(self.program.graph)
 
     def trips_of(self, v) -> int:
         """Times per step the value ``v`` is made (1 outside loops)."""

@@ -48,6 +48,7 @@ import numpy as np
 
 from ..compiler.factors import (_axis_conflicts, _legalize,
                                 compound_factors, project, project_back, result_partial)
+from ..compiler.ir import loss_residuals, trip_counts
 from ..compiler.layout import Layout
 from ..compiler.ops import get_rule
 from ..compiler.planner import reshard_time
@@ -60,9 +61,6 @@ name = "auto_search"
 #: an equation's factor space (a multiply-add of a matmul, an element of an elementwise op).
 #: Without a compute term, replicating everything would always look cheapest.
 DEFAULT_POINTS_PER_SECOND = 1e12
-
-#: Sums whose operands may stay partial: the sum is reduced once instead of each operand.
-_SUMS = ("add_any", "add")
 
 
 @dataclasses.dataclass
@@ -126,10 +124,6 @@ def _strategies(fr, axis_sizes, base, axis: str, passing=()) -> list:
         if axis not in {a for ax in s for a in ax}:
             out.extend(PassPartial(s, held + (axis,), ops) for ops in ([reads] if held else passing))
     return out
-
-
-#: Partial modes (compiler/ops) under which an equation passes a sum-partial operand on.
-_PASSING_MODES = ("same_sum", "one_sum", "first_sum", "unary_sum")
 
 
 def _passing(e, fr) -> list[tuple]:
@@ -316,7 +310,6 @@ def _build(program, axis_sizes, links, axis, base, compute_rate, labels, sig_ids
         return reshard_time(src, dst, v.shape, np.dtype(v.dtype).itemsize, axis_sizes, links,
                             latency_weight=1.0)
 
-
     for v, path in zip(graph.invars, program.in_paths):
         if v in program.closed:
             continue
@@ -359,7 +352,7 @@ def _build(program, axis_sizes, links, axis, base, compute_rate, labels, sig_ids
     def visit(eqns, mult):
         for e in eqns:
             trips[e] = mult
-            if _searchable_scan(e, node_of_value, program.closed):
+            if _searchable_scan(e, program.closed):
                 open_scan(e, mult)
             else:
                 place(e)
@@ -415,6 +408,11 @@ def _build(program, axis_sizes, links, axis, base, compute_rate, labels, sig_ids
             memo[key] = make()
         return memo[key]
 
+    def reshard_matrix(v, wants):
+        """Rows: the strategies of the node ``v``'s layout comes from; columns: ``wants``."""
+        src, layout_of = node_of_value[v]
+        return np.array([[rt(layout_of(k), w, v) for w in wants] for k in range(len(nodes[src].strategies))])
+
     for e, (root, derive, i) in followers.items():
         # The follower reads its operand (reduced, if partial) in the layout it derives, and
         # works on the block it makes.
@@ -439,10 +437,8 @@ def _build(program, axis_sizes, links, axis, base, compute_rate, labels, sig_ids
                 continue
             want = lambda i=i: [_operand_layout(fr, s, i, axis_sizes) for s in node.strategies]
             if v in node_of_value:
-                src, layout_of = node_of_value[v]
-                matrix = once(("edge", chain[v], key, i), lambda: np.array(
-                    [[rt(layout_of(k), w, v) for w in want()] for k in range(len(nodes[src].strategies))]))
-                _add_edge(edges, nodes, src, key, mult * matrix)
+                matrix = once(("edge", chain[v], key, i), lambda: reshard_matrix(v, want()))
+                _add_edge(edges, nodes, node_of_value[v][0], key, mult * matrix)
             else:   # annotated input: a fixed layout
                 node.cost += mult * once(("fixed", program.in_paths[program.graph.invars.index(v)]
                                           if v in program.graph.invars else id(v), key, i),
@@ -456,19 +452,15 @@ def _build(program, axis_sizes, links, axis, base, compute_rate, labels, sig_ids
         if v.is_const:
             continue
         if v in node_of_value:
-            src, layout_of = node_of_value[v]
-            _add_edge(edges, nodes, src, key, mult * np.array(
-                [[rt(layout_of(k), w, v) for w in want] for k in range(len(nodes[src].strategies))]))
+            _add_edge(edges, nodes, node_of_value[v][0], key, mult * reshard_matrix(v, want))
         else:
             nodes[key].cost += mult * np.array([rt(program.layouts[v], w, v) for w in want])
     for out, carry, mult in carries:
         # Each iteration's carry-out is resharded into the carry-in layout.
         if out.is_const or out not in node_of_value:
             continue
-        src, layout_of = node_of_value[out]
         key = node_of_value[carry][0]
-        _add_edge(edges, nodes, src, key, mult * np.array(
-            [[rt(layout_of(k), w, out) for w in nodes[key].strategies] for k in range(len(nodes[src].strategies))]))
+        _add_edge(edges, nodes, node_of_value[out][0], key, mult * reshard_matrix(out, nodes[key].strategies))
     pairs = _state_pairs(program)
     for k, v in enumerate(graph.outvars):
         if v.is_const or v not in node_of_value or v in node_of_input:
@@ -479,9 +471,7 @@ def _build(program, axis_sizes, links, axis, base, compute_rate, labels, sig_ids
             # Returned state: it leaves in the layout its input arrives in.
             inode_key = node_of_input[pairs[v]]
             inode = nodes[inode_key]
-            matrix = once(("state", chain[v], inode_key), lambda: np.array(
-                [[rt(layout_of(s), lay, v) for lay in inode.strategies]
-                 for s in range(len(nodes[src].strategies))]))
+            matrix = once(("state", chain[v], inode_key), lambda: reshard_matrix(v, inode.strategies))
             _add_edge(edges, nodes, src, inode_key, matrix)
             inode.memory += np.array([_bytes_per_device(v, lay, axis_sizes) for lay in inode.strategies])
             continue
@@ -505,7 +495,7 @@ def _stacked(layout: Layout) -> Layout:
     return Layout(((),) + layout.dims)
 
 
-def _searchable_scan(e, node_of_value, closed) -> bool:
+def _searchable_scan(e, closed) -> bool:
     """Scans whose body the search places with the program: every body output is a body
     value (no literal), and nothing inside is pinned by an annotation."""
     if e.prim.name != "scan":
@@ -518,24 +508,6 @@ def _searchable_scan(e, node_of_value, closed) -> bool:
 
 #: Cost of reading a value partial that does not arrive so (a choice the plan cannot make).
 _UNREACHABLE_SECONDS = 10.0
-
-
-def _residuals(program) -> set:
-    """Top-level values the loss's forward part makes and the rest of the step reads (the
-    activations kept for the backward pass, a forward scan's stacked ones included)."""
-    graph = program.graph
-    producer = {o: e for e in graph.eqns for o in e.outvars}
-    loss = [v for v in graph.outvars if not v.is_const and not v.shape
-            and jax.dtypes.issubdtype(v.dtype, np.floating) and v in producer]
-    forward, stack = set(), [producer[v] for v in loss]
-    while stack:
-        e = stack.pop()
-        if e not in forward:
-            forward.add(e)
-            stack += [producer[w] for w in e.invars if w in producer and producer[w] not in forward]
-    kept = {w for e in graph.eqns if e not in forward for w in e.invars
-            if w in producer and producer[w] in forward}
-    return kept - set(graph.outvars)
 
 
 def _deferrable(program, passing) -> dict:
@@ -683,7 +655,8 @@ def run(program, memory_budget=None, time_limit=10.0, compute_rate=DEFAULT_POINT
     labels = _labels(program)
     sig_ids = _signature_ids(program)
     passing = {e: ops for e in program.graph.eqns if (ops := _passing(e, program.rules[e.index]))}
-    context = (labels, sig_ids, passing, _deferrable(program, passing), _residuals(program))
+    context = (labels, sig_ids, passing, _deferrable(program, passing),
+               loss_residuals(program.graph)[1] - set(program.graph.outvars))
     solve_limit = time_limit / (4 * max(1, len(axis_sizes)))
     # One MILP per mesh axis, the axes before it fixed: each axis adds "none, or one factor"
     # to every node's strategy, so a problem has a few strategies per node instead of their
@@ -792,7 +765,7 @@ def estimated_step_seconds(program, compute_rate=DEFAULT_POINTS_PER_SECOND) -> d
     compute (``points / compute_rate``) plus the alpha-beta time of every planned collective
     (latency in full). Compares plans on one scale: ``{"compute_s", "comm_s", "total_s"}``."""
     sizes = program.axis_sizes
-    trips = _trips(program.graph)
+    trips = trip_counts(program.graph)
     compute = sum(trips.get(e, 1) * _points(program.rules[e.index], program.assignments[e.index], sizes)
                   for e in program.graph.all_eqns() if e.index in program.assignments
                   and not e.subgraphs)
@@ -805,23 +778,6 @@ def estimated_step_seconds(program, compute_rate=DEFAULT_POINTS_PER_SECOND) -> d
                 comm += trips.get(r.value, 1) * link.time(
                     t.kind, n, math.prod(t.in_shape) * np.dtype(r.value.dtype).itemsize)
     return {"compute_s": compute / compute_rate, "comm_s": comm, "total_s": compute / compute_rate + comm}
-
-
-def _trips(graph, mult=1, out=None) -> dict:
-    """Times per step each body equation and body value runs (the scan lengths around it; a
-    ``while`` loop's count is unknown and taken as 1, as the report does)."""
-    out = {} if out is None else out
-    for e in graph.eqns:
-        inner = mult * int(e.params.get("length", 1)) if e.prim.name == "scan" else mult
-        for sub in e.subgraphs:
-            for v in sub.invars:
-                out[v] = inner
-            for be in sub.eqns:
-                out[be] = inner
-                for o in be.outvars:
-                    out[o] = inner
-            _trips(sub, inner, out)
-    return out
 
 
 def describe_layers(program) -> dict[str, str]:

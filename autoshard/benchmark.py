@@ -61,7 +61,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from .compiler.cost_model import KINDS
+from .compiler.cost_model import KINDS, wire_bytes
 
 #: Small configurations: big enough that activations and parameters are not dwarfed by
 #: scalars, small enough that two compiles per row take seconds on two cores.
@@ -124,10 +124,6 @@ def _nbytes(tree) -> int:
     return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def _ring_all_reduce(n: int, nbytes: float) -> float:
-    return 2.0 * (n - 1) / n * nbytes if n > 1 else 0.0
-
-
 def analytic_min_bytes(model: str, cfg: Any, batch: int, strategy: str, mesh: dict,
                        params: dict, param_specs: dict) -> float | None:
     """The formulas of the module docstring; None where none is given for the pair."""
@@ -135,7 +131,7 @@ def analytic_min_bytes(model: str, cfg: Any, batch: int, strategy: str, mesh: di
     n_d, n_m = mesh.get("data", 1), mesh.get("model", 1)
     total = float(_nbytes(params))
     if strategy in ("dp", "fsdp"):
-        return _ring_all_reduce(n_d, total + scalar)
+        return wire_bytes("all-reduce", n_d, total + scalar)
     if model not in ("gpt", "mlp") or strategy not in ("tp", "dp_tp", "sp"):
         return None
     itemsize = np.dtype(cfg.dtype).itemsize
@@ -145,21 +141,21 @@ def analytic_min_bytes(model: str, cfg: Any, batch: int, strategy: str, mesh: di
     else:
         # The first block's input is the batch: its gradient is not needed.
         reductions, activation = 2 * cfg.n_layers - 1, rows * cfg.d_model * itemsize
-    model_term = _ring_all_reduce(n_m, reductions * activation)
+    model_term = wire_bytes("all-reduce", n_m, reductions * activation)
     if strategy == "tp":
         return model_term
     flat_params = jax.tree.leaves(params)
     flat_specs = jax.tree.leaves(param_specs, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
     split = sum(_nbytes(p) for p, s in zip(flat_params, flat_specs) if any(a is not None for a in s))
-    data_term = _ring_all_reduce(n_d, (total - split) + split / n_m + scalar)
+    data_term = wire_bytes("all-reduce", n_d, (total - split) + split / n_m + scalar)
     if strategy == "dp_tp":
         return model_term + data_term
     # sp: replicated parameters see sequence shards, so their gradients are reduced over
     # 'model' too; the loss is reduced over both axes (one all-reduce over all devices).
     replicated = total - split
-    return (model_term + _ring_all_reduce(n_m, replicated)
-            + _ring_all_reduce(n_d, (total - split) + split / n_m)
-            + _ring_all_reduce(n_d * n_m, scalar))
+    return (model_term + wire_bytes("all-reduce", n_m, replicated)
+            + wire_bytes("all-reduce", n_d, (total - split) + split / n_m)
+            + wire_bytes("all-reduce", n_d * n_m, scalar))
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -368,9 +364,7 @@ def scaling_point(layers: int, mesh_shape: dict, strategy: str = "dp_tp",
     from . import make_mesh, parallelize
     from .compiler import factors
     from .models import get_model, presets
-    factors._CHOICES.clear()
-    factors._project_back.cache_clear()
-    factors._result_partial.cache_clear()
+    factors.clear_caches()
     n = math.prod(mesh_shape.values())
     mesh = make_mesh(mesh_shape, devices=jax.devices()[:n])
     axes = tuple(mesh.axis_names)

@@ -23,6 +23,8 @@ import itertools
 import math
 from dataclasses import dataclass
 
+from .cost_model import assignment_points
+from .kinds import REDUCTION_KINDS, FactorKind
 from .layout import Layout
 from .planner import reshard_time
 
@@ -125,7 +127,7 @@ def _axis_conflicts(assignment, rule) -> list[tuple[str, list[int]]]:
     # hold the same block on all of them: no other factor of the op may use that axis (a
     # vocab-parallel lookup cannot also split the batch over the vocabulary's axis).
     every = frozenset(range(len(assignment)))
-    reducing = [f for f in every if rule.kinds[f] in ("sum", "max", "min") and assignment[f]]
+    reducing = [f for f in every if rule.kinds[f] in REDUCTION_KINDS and assignment[f]]
     for fs in _tensor_factor_sets(rule) + ([every] if reducing else []):
         owners: dict[str, list[int]] = {}
         for f in sorted(fs):
@@ -152,7 +154,7 @@ def _legalize(assignment, rule, axis_sizes, reserved) -> list[Assignment]:
     compound = compound_factors(rule)
     clean = []
     for f, axes in enumerate(assignment):
-        if kinds[f] == "replicate":
+        if kinds[f] == FactorKind.REPLICATE:
             clean.append(())
             continue
         kept, rem = [], sizes[f]
@@ -226,8 +228,9 @@ def result_partial(assignment, rule) -> tuple:
 
 @functools.lru_cache(maxsize=1 << 16)
 def _result_partial(assignment, kinds) -> tuple:
-    return tuple(sorted((a, kinds[f]) for f, axes in enumerate(assignment)
-                        if kinds[f] in ("sum", "max", "min") for a in axes))
+    # str(): a layout's partial op is a plain string ("sum"), whatever spells the kind.
+    return tuple(sorted((a, str(kinds[f])) for f, axes in enumerate(assignment)
+                        if kinds[f] in REDUCTION_KINDS for a in axes))
 
 
 def assignment_cost(assignment, rule, tensors, axis_sizes, links, passed_partial=()):
@@ -245,9 +248,7 @@ def assignment_cost(assignment, rule, tensors, axis_sizes, links, passed_partial
             cost += reshard_time(produced, target, t.shape, t.itemsize, axis_sizes, links)
         elif t.layout is not None:
             cost += reshard_time(t.layout, want, t.shape, t.itemsize, axis_sizes, links)
-    points = math.prod(float(-(-size // math.prod(axis_sizes[a] for a in axes)))
-                       for size, axes in zip(rule.sizes, assignment))
-    return cost + points * COMPUTE_SECONDS_PER_POINT
+    return cost + assignment_points(rule.sizes, assignment, axis_sizes) * COMPUTE_SECONDS_PER_POINT
 
 
 @dataclass(frozen=True)
@@ -260,6 +261,14 @@ class Choice:
 
 _CHOICES: dict = {}
 _CHOICES_LIMIT = 1 << 18
+
+
+def clear_caches() -> None:
+    """Forget every memoized projection and choice (as DTensor's ``clear_sharding_prop_cache``):
+    for timing the passes from cold, or after changing a rule at run time."""
+    _CHOICES.clear()
+    _project_back.cache_clear()
+    _result_partial.cache_clear()
 
 
 def choose(rule, tensors, axis_sizes, links, reserved=(), passed_partial=()) -> Choice:

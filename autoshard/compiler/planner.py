@@ -19,8 +19,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Mapping
 
-from .cost_model import LinkModel, wire_bytes
+from .cost_model import LinkModel, collective_time, group_link, wire_bytes
 from .layout import Layout
 
 COLLECTIVE_KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
@@ -183,20 +184,21 @@ def _plan(src: Layout, dst: Layout, shape, axis_items) -> tuple[Transform, ...]:
 
 
 def transform_bytes(t: Transform, itemsize: int, axis_sizes) -> float:
+    """Wire bytes per device of transform ``t`` on a value of ``itemsize``-byte elements."""
     if not t.is_collective:
         return 0.0
-    payload = math.prod(t.in_shape) * itemsize
-    return wire_bytes(t.kind, t.group_size(axis_sizes), payload)
+    return wire_bytes(t.kind, t.group_size(axis_sizes), math.prod(t.in_shape) * itemsize)
 
 
-def transform_time(t: Transform, itemsize: int, axis_sizes, links: dict[str, LinkModel]) -> float:
+def transform_time(t: Transform, itemsize: int, axis_sizes, links: Mapping[str, LinkModel],
+                   latency_weight: float = 1.0) -> float:
+    """Seconds of transform ``t`` (0 for the free local ones): ``cost_model.collective_time``
+    over the group of its mesh axes. Every estimate of a planned collective goes through here
+    (the report, the layout search, the propagation passes' choices)."""
     if not t.is_collective:
         return 0.0
-    payload = math.prod(t.in_shape) * itemsize
-    n = t.group_size(axis_sizes)
-    # A multi-axis collective is limited by its slowest link.
-    link = min((links.get(a, LinkModel()) for a in t.axes), key=lambda l: l.bandwidth_bytes_per_s)
-    return link.time(t.kind, n, payload)
+    return collective_time(t.kind, t.group_size(axis_sizes), math.prod(t.in_shape) * itemsize,
+                           group_link(links, t.axes), latency_weight)
 
 
 # Choices are made for the bytes, which grow with the model; latency only breaks ties. (Test
@@ -209,15 +211,8 @@ def reshard_time(src: Layout, dst: Layout, shape, itemsize: int, axis_sizes, lin
                  latency_weight: float = LATENCY_WEIGHT_IN_CHOICES) -> float:
     """Cost the propagation passes minimise for one reshard (seconds, latency down-weighted;
     the layout search weighs it fully, as the report's time estimate does)."""
-    if src == dst:
-        return 0.0
     total = 0.0
-    for t in plan(src, dst, shape, axis_sizes):
-        if not t.is_collective:
-            continue
-        n = t.group_size(axis_sizes)
-        payload = math.prod(t.in_shape) * itemsize
-        link = min((links.get(a, LinkModel()) for a in t.axes), key=lambda l: l.bandwidth_bytes_per_s)
-        latency = link.time(t.kind, n, 0.0)
-        total += wire_bytes(t.kind, n, payload) / link.bandwidth_bytes_per_s + latency_weight * latency
+    if src != dst:
+        for t in plan(src, dst, shape, axis_sizes):     # in plan order, as it always added up
+            total += transform_time(t, itemsize, axis_sizes, links, latency_weight)
     return total

@@ -48,6 +48,7 @@ from . import memory_estimate
 from .cost_model import LinkModel
 from .ir import trip_counts
 from .layout import Layout
+from .planner import transform_bytes, transform_time
 
 SCHEMA_VERSION = 1
 MiB = 1 << 20
@@ -427,10 +428,10 @@ class ShardingReport:
         return self._trips.get(v, 1)
 
     def _collectives(self) -> list[CollectiveRecord]:
-        from .cost_model import wire_bytes
         p = self.program
         sizes = p.axis_sizes
         order = {a: i for i, a in enumerate(self.mesh_axes)}
+        links = self.links
         out = []
         for r in p.reshards:
             itemsize = np.dtype(r.value.dtype).itemsize
@@ -438,15 +439,12 @@ class ShardingReport:
             for t in r.transforms:
                 if not t.is_collective:
                     continue
-                n = t.group_size(sizes)
-                payload = math.prod(t.in_shape) * itemsize
-                links = [p.mesh.link(a) for a in t.axes]
-                link = LinkModel(max(l.latency_s for l in links), min(l.bandwidth_bytes_per_s for l in links))
                 out.append(CollectiveRecord(
                     t.kind, tuple(sorted(t.axes, key=order.get)), tuple(t.in_shape),
-                    np.dtype(r.value.dtype).name, payload, wire_bytes(t.kind, n, payload),
-                    link.time(t.kind, n, payload), r.reason, r.source, self.name_of(r.value),
-                    r.consumer, layer, parse_source(r.source)["module"], n, self.trips_of(r.value)))
+                    np.dtype(r.value.dtype).name, math.prod(t.in_shape) * itemsize,
+                    transform_bytes(t, itemsize, sizes), transform_time(t, itemsize, sizes, links),
+                    r.reason, r.source, self.name_of(r.value), r.consumer, layer,
+                    parse_source(r.source)["module"], t.group_size(sizes), self.trips_of(r.value)))
         return out
 
     def _equations(self) -> list[EquationRow]:
@@ -1074,7 +1072,8 @@ class ShardingReport:
     def estimated_step_seconds(self, compute_rate: float | None = None) -> dict:
         """Per-device compute plus collective time under the link models: the cost the layout
         search minimises (``passes/auto_search.estimated_step_seconds``); compares any plans."""
-        from ..passes.auto_search import DEFAULT_POINTS_PER_SECOND, estimated_step_seconds
+        from ..passes.auto_search import estimated_step_seconds
+        from .cost_model import DEFAULT_POINTS_PER_SECOND
         search_rate = getattr(self.program, "search_compute_rate", None)
         return estimated_step_seconds(self.program, compute_rate or search_rate or DEFAULT_POINTS_PER_SECOND)
 

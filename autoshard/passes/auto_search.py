@@ -49,18 +49,16 @@ import numpy as np
 from ..compiler.factors import (_axis_conflicts, _legalize,
                                 compound_factors, project, project_back, result_partial)
 from ..compiler.ir import loss_residuals, trip_counts
+from ..compiler.kinds import REDUCTION_KINDS, FactorKind, PartialMode
 from ..compiler.layout import Layout
 from ..compiler.ops import get_rule
-from ..compiler.planner import reshard_time
+from ..compiler.cost_model import DEFAULT_POINTS_PER_SECOND, assignment_points
+from ..compiler.planner import reshard_time, transform_time
 from ..compiler.program import Provenance
 from ..errors import NoFeasiblePlanError
 
 name = "auto_search"
 
-#: Per-device work rate of the cost model, in points per second: a point is one iteration of
-#: an equation's factor space (a multiply-add of a matmul, an element of an elementwise op).
-#: Without a compute term, replicating everything would always look cheapest.
-DEFAULT_POINTS_PER_SECOND = 1e12
 
 
 @dataclasses.dataclass
@@ -110,7 +108,7 @@ def _strategies(fr, axis_sizes, base, axis: str, passing=()) -> list:
     plain = [_assignment(base)]
     compound = compound_factors(fr)
     for f in range(len(fr.sizes)):
-        if fr.kinds[f] == "replicate":
+        if fr.kinds[f] == FactorKind.REPLICATE:
             continue
         s = tuple(ax + (axis,) if g == f else ax for g, ax in enumerate(plain[0]))
         if fr.sizes[f] % math.prod(axis_sizes[a] for a in s[f]) or _axis_conflicts(s, fr):
@@ -131,16 +129,16 @@ def _passing(e, fr) -> list[tuple]:
     operands of a sum (none constant), one operand of a product, and only where the result is
     no larger than a partial operand (a reduction is never made bigger)."""
     live = [i for i, v in enumerate(e.invars) if not v.is_const]
-    follower = len(live) == 1 and not any(k in ("sum", "max", "min") for k in fr.kinds)
+    follower = len(live) == 1 and not any(k in REDUCTION_KINDS for k in fr.kinds)
     if e.subgraphs or len(e.outvars) != 1 or fr.accumulators or follower:
         return []       # (a follower reads its operand as its root node makes it)
     mode = get_rule(e).partial_mode(e)
     fits = lambda i: math.prod(e.outvars[0].shape) <= math.prod(e.invars[i].shape)
-    if mode == "same_sum":
+    if mode is PartialMode.SAME_SUM:
         return [tuple(live)] if len(live) == len(e.invars) > 1 and any(fits(i) for i in live) else []
-    if mode == "one_sum":
+    if mode is PartialMode.ONE_SUM:
         return [(i,) for i in live if fits(i)]
-    if mode in ("first_sum", "unary_sum"):
+    if mode in (PartialMode.FIRST_SUM, PartialMode.UNARY_SUM):
         return [(0,)] if 0 in live and fits(0) else []
     return []
 
@@ -234,7 +232,7 @@ def _follows(e, fr, node_of_value) -> bool:
     them likewise), which halves it."""
     live = [v for v in e.invars if not v.is_const]
     return (not e.subgraphs and len(e.outvars) == 1 and len(live) == 1 and live[0] in node_of_value
-            and not any(k in ("sum", "max", "min") for k in fr.kinds))
+            and not any(k in REDUCTION_KINDS for k in fr.kinds))
 
 
 def _state_pairs(program) -> dict:
@@ -276,11 +274,6 @@ def _without_axis(strategy, axis):
     if isinstance(strategy, Layout):
         return Layout(tuple(tuple(a for a in d if a != axis) for d in strategy.dims))
     return tuple(tuple(a for a in ax if a != axis) for ax in strategy)
-
-
-def _points(fr, s, axis_sizes) -> float:
-    s = _assignment(s)
-    return math.prod(float(-(-size // math.prod(axis_sizes[a] for a in ax))) for size, ax in zip(fr.sizes, s))
 
 
 def _signature_ids(program) -> dict:
@@ -426,7 +419,7 @@ def _build(program, axis_sizes, links, axis, base, compute_rate, labels, sig_ids
         fr, node, mult = program.rules[e.index], nodes[key], trips[e]
         if not e.subgraphs:     # a loop's or branch's work is its bodies', not searched here
             node.cost += mult * once(("work", key), lambda: np.array(
-                [_points(fr, s, axis_sizes) for s in node.strategies]) / compute_rate)
+                [assignment_points(fr.sizes, _assignment(s), axis_sizes) for s in node.strategies]) / compute_rate)
         for j, o in enumerate(e.outvars):
             if not e.subgraphs and o not in deferred:
                 node.cost += mult * once(("reduce", key, j), lambda j=j, o=o: np.array(
@@ -766,17 +759,15 @@ def estimated_step_seconds(program, compute_rate=DEFAULT_POINTS_PER_SECOND) -> d
     (latency in full). Compares plans on one scale: ``{"compute_s", "comm_s", "total_s"}``."""
     sizes = program.axis_sizes
     trips = trip_counts(program.graph)
-    compute = sum(trips.get(e, 1) * _points(program.rules[e.index], program.assignments[e.index], sizes)
+    compute = sum(trips.get(e, 1) * assignment_points(program.rules[e.index].sizes, program.assignments[e.index], sizes)
                   for e in program.graph.all_eqns() if e.index in program.assignments
                   and not e.subgraphs)
+    links = {a: program.mesh.link(a) for a in program.mesh.axis_names}
     comm = 0.0
     for r in program.reshards:
         for t in r.transforms:
             if t.is_collective:
-                n = t.group_size(sizes)
-                link = min((program.mesh.link(a) for a in t.axes), key=lambda l: l.bandwidth_bytes_per_s)
-                comm += trips.get(r.value, 1) * link.time(
-                    t.kind, n, math.prod(t.in_shape) * np.dtype(r.value.dtype).itemsize)
+                comm += trips.get(r.value, 1) * transform_time(t, np.dtype(r.value.dtype).itemsize, sizes, links)
     return {"compute_s": compute / compute_rate, "comm_s": comm, "total_s": compute / compute_rate + comm}
 
 
@@ -817,7 +808,7 @@ def describe_layers(program) -> dict[str, str]:
             other = {f for d in fr.operands[1 - i] for f in d}
             for f, axes in enumerate(s):
                 for a in axes:
-                    if fr.kinds[f] == "sum":
+                    if fr.kinds[f] == FactorKind.SUM:
                         phrases[layer_of(mp)].append(("row", a, name))
                     elif f in mine and f in other:     # a batch dim of the weight: experts
                         phrases[layer_of(mp)].append(("expert", a, name))

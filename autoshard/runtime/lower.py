@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
+from ..compiler.kinds import REDUCTION_KINDS
 from ..compiler.layout import Layout
 from ..compiler.ops import get_rule, local_context, reduction_identity
 from ..compiler.ops.control_flow import lower_region
@@ -94,7 +95,7 @@ def mask_uneven_reductions(program, eqn, ins):
     sizes = program.axis_sizes
     for f, axes in enumerate(assignment):
         kind = fr.kinds[f]
-        if kind not in ("sum", "max", "min") or not axes or fr.sizes[f] % math.prod(sizes[a] for a in axes) == 0:
+        if kind not in REDUCTION_KINDS or not axes or fr.sizes[f] % math.prod(sizes[a] for a in axes) == 0:
             continue
         for i, dims in enumerate(fr.operands):
             for d, fids in enumerate(dims):

@@ -8,7 +8,8 @@ is one loop of the op's iteration space, shared by every tensor dim it indexes. 
     operands x: (m)(k)   w: (k)(n)
     result      (m)(n)
 
-Splitting ``k`` over mesh axis ``a`` makes the result ``P(sum)`` over ``a``. Factor kinds:
+Splitting ``k`` over mesh axis ``a`` makes the result ``P(sum)`` over ``a``. Factor kinds
+(``kinds.FactorKind``):
 
 - ``pass``: may be split; operands and results carrying it are split alike;
 - ``sum`` / ``max`` / ``min``: reduction factors; splitting makes the result partial;
@@ -17,8 +18,9 @@ Splitting ``k`` over mesh axis ``a`` makes the result ``P(sum)`` over ``a``. Fac
 A dim listing several factors (reshape ``[6,4] -> [24]`` gives ``(f6, f4)``) is their
 product, major first; a dim of size 1 lists none and is never split.
 
-Each ``OpRule`` also says which operands may stay partial (``partial``, see
-``partial_passes``) and how to localise params for the per-device program.
+Each ``OpRule`` also says which operands may stay partial (``partial``, a
+``kinds.PartialMode``, see ``partial_passes``) and how to localise params for the per-device
+program.
 """
 from __future__ import annotations
 
@@ -29,14 +31,13 @@ import jax
 import numpy as np
 
 from ...errors import UnsupportedPrimitiveError
-
-FACTOR_KINDS = ("pass", "sum", "max", "min", "replicate")
+from ..kinds import FactorKind, PartialMode
 
 
 @dataclass(frozen=True)
 class FactorRule:
     sizes: tuple[int, ...]
-    kinds: tuple[str, ...]
+    kinds: tuple[FactorKind, ...]
     operands: tuple[tuple[tuple[int, ...], ...], ...]
     results: tuple[tuple[tuple[int, ...], ...], ...]
     # Operands that accumulate into the result (scatter-add's operand): when a reduction
@@ -52,14 +53,19 @@ class FactorBuilder:
 
     def __init__(self):
         self.sizes: list[int] = []
-        self.kinds: list[str] = []
+        self.kinds: list[FactorKind] = []
 
-    def new(self, size: int, kind: str = "pass") -> tuple[int, ...]:
+    def new(self, size: int, kind: FactorKind = FactorKind.PASS) -> tuple[int, ...]:
         """A fresh factor for one dim; size-1 dims get none (never split)."""
         if size == 1:
             return ()
+        return self.add(size, kind)
+
+    def add(self, size: int, kind: FactorKind) -> tuple[int, ...]:
+        """A fresh factor, even of size 1 (``conv._even`` pairs a factor with a size-1
+        ``replicate`` one so that it is compound and splits only evenly)."""
         self.sizes.append(int(size))
-        self.kinds.append(kind)
+        self.kinds.append(FactorKind(kind))
         return (len(self.sizes) - 1,)
 
     def build(self, operands, results, accumulators=(), linked=()) -> FactorRule:
@@ -81,7 +87,7 @@ class LocalContext:
 @dataclass(frozen=True)
 class OpRule:
     factors: Callable                          # (eqn) -> FactorRule
-    partial: str | Callable = "none"           # mode name or (eqn) -> mode name
+    partial: PartialMode | Callable = PartialMode.NONE   # a mode, or (eqn) -> mode
     localize: Callable | None = None           # (eqn, ctx) -> params for the local bind
     lower: Callable | None = None              # (eqn, ctx, args) -> outs, replaces bind
     # Collectives the rule's own ``lower`` runs (halo exchanges, prefix sums):
@@ -89,8 +95,8 @@ class OpRule:
     # the planned reshards; ``lower`` must run exactly these.
     internal: Callable | None = None
 
-    def partial_mode(self, eqn) -> str:
-        return self.partial(eqn) if callable(self.partial) else self.partial
+    def partial_mode(self, eqn) -> PartialMode:
+        return PartialMode(self.partial(eqn)) if callable(self.partial) else self.partial
 
     def local_params(self, eqn, ctx: LocalContext) -> dict:
         params = self.localize(eqn, ctx) if self.localize else dict(eqn.params)
@@ -105,8 +111,12 @@ class OpRule:
 RULES: dict[str, OpRule] = {}
 
 
-def register(*prims, partial="none", localize=None, lower=None, internal=None):
-    """Decorator: ``@register(lax.add_p, lax.sub_p, partial="same_sum")`` on a factor function."""
+def register(*prims, partial=PartialMode.NONE, localize=None, lower=None, internal=None):
+    """Decorator: ``@register(lax.add_p, lax.sub_p, partial=PartialMode.SAME_SUM)`` on a factor
+    function."""
+    if not callable(partial):
+        partial = PartialMode(partial)
+
     def deco(fn):
         for p in prims:
             name = p if isinstance(p, str) else p.name
@@ -143,39 +153,36 @@ def extreme_value(dtype, low: bool):
 
 def reduction_identity(op: str, dtype):
     """What padding must hold so a reduction with ``op`` ignores it."""
-    return 0 if op == "sum" else extreme_value(dtype, low=(op == "max"))
+    return 0 if op == FactorKind.SUM else extreme_value(dtype, low=(op == FactorKind.MAX))
 
 
-def partial_passes(mode: str, eqn, operand_partials) -> bool:
+def partial_passes(mode: PartialMode, eqn, operand_partials) -> bool:
     """Whether the op maps partial operands to a partial result of the same kind.
 
-    ``operand_partials[i]`` is the tuple of ``(axis, op)`` pairs operand ``i`` is partial over.
-    Modes: ``none``; ``unary_any`` (operand 0 only, any op: reshape, transpose, ...);
-    ``unary_sum`` / ``unary_max`` / ``unary_min`` (operand 0 only, that op);
-    ``same_sum`` (all operands partial alike, sum: add, sub); ``same_max``/``same_min``
-    (partial operands alike with that op, others not partial: max(P(max), B) is P(max));
-    ``one_sum`` (exactly one operand partial: mul, dot_general); ``first_sum`` (div).
+    ``operand_partials[i]`` is the tuple of ``(axis, op)`` pairs operand ``i`` is partial over;
+    the modes are described in ``kinds.PartialMode``.
     """
+    mode = PartialMode(mode)
     partial_idx = [i for i, p in enumerate(operand_partials) if p]
-    if not partial_idx or mode == "none":
+    if not partial_idx or mode is PartialMode.NONE:
         return not partial_idx
     ops = {op for i in partial_idx for _, op in operand_partials[i]}
-    if mode == "unary_any":
+    if mode is PartialMode.UNARY_ANY:
         return partial_idx == [0]
-    if mode in ("unary_sum", "unary_max", "unary_min"):
-        return partial_idx == [0] and ops == {mode[6:]}
-    if mode == "same_sum":
+    if mode.shape == "unary":
+        return partial_idx == [0] and ops == {mode.op}
+    if mode is PartialMode.SAME_SUM:
         first = operand_partials[0]
         return ops == {"sum"} and all(
             p == first and not v.is_const for p, v in zip(operand_partials, eqn.invars))
-    if mode in ("same_max", "same_min"):
+    if mode.shape == "same":
         kinds = {operand_partials[i] for i in partial_idx}
-        return ops == {mode[5:]} and len(kinds) == 1
-    if mode == "one_sum":
+        return ops == {mode.op} and len(kinds) == 1
+    if mode is PartialMode.ONE_SUM:
         return ops == {"sum"} and len(partial_idx) == 1
-    if mode == "first_sum":
+    if mode is PartialMode.FIRST_SUM:
         return ops == {"sum"} and partial_idx == [0]
-    raise AssertionError(f"unknown partial mode {mode!r}")
+    raise AssertionError(f"unhandled partial mode {mode!r}")
 
 
 _LOADED = False

@@ -17,6 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from . import register
 from .elementwise import elementwise_factors
+from ..kinds import PartialMode
 
 constrain_p = Primitive("autoshard_constrain")
 constrain_p.def_impl(lambda x, *, spec: x)
@@ -66,4 +67,4 @@ register(lax.sharding_constraint_p, lower=_identity_lower)(elementwise_factors)
 # its updates; on Auto mesh axes its ``dst_sharding`` only restates an unconstrained type).
 # It is a value identity that lets layouts propagate through it, not a constraint; without a
 # rule ``x.at[i].add(u)`` under ``parallelize`` raised UnsupportedPrimitiveError.
-register("reshard", partial="unary_any", lower=_identity_lower)(elementwise_factors)
+register("reshard", partial=PartialMode.UNARY_ANY, lower=_identity_lower)(elementwise_factors)

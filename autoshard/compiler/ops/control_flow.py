@@ -18,6 +18,7 @@ Lowering rebuilds the loop around the per-device body (``lax.scan`` / ``while_lo
 from __future__ import annotations
 
 from . import FactorBuilder, register
+from ..kinds import FactorKind
 
 
 def _same_dims(fb, shape):
@@ -43,12 +44,12 @@ def scan_factors(eqn):
     for i in range(nc + nk, len(eqn.invars)):                  # xs: slice i of dim 0 per step
         shape = eqn.invars[i].shape
         inner = _same_dims(fb, shape[1:])
-        operands[i] = [fb.new(shape[0], "replicate")] + inner
+        operands[i] = [fb.new(shape[0], FactorKind.REPLICATE)] + inner
         linked.append((body.invars[i], inner))
     for j in range(nk, len(eqn.outvars)):                      # ys: stacked along dim 0
         shape = eqn.outvars[j].shape
         inner = _same_dims(fb, shape[1:])
-        results[j] = [fb.new(shape[0], "replicate")] + inner
+        results[j] = [fb.new(shape[0], FactorKind.REPLICATE)] + inner
         linked.append((body.outvars[j], inner))
     return fb.build(operands, results, linked=linked)
 

@@ -55,6 +55,7 @@ import numpy as np
 from jax import lax
 
 from . import FactorBuilder, extreme_value, register
+from ..kinds import FactorKind, PartialMode
 from ..planner import Transform
 
 
@@ -100,9 +101,7 @@ def _even(fb: FactorBuilder, dims: tuple) -> tuple:
     is only split evenly (``factors.compound_factors``)."""
     if len(dims) != 1:
         return dims
-    fb.sizes.append(1)
-    fb.kinds.append("replicate")
-    return dims + (len(fb.sizes) - 1,)
+    return dims + fb.add(1, FactorKind.REPLICATE)
 
 
 def _window_dims(fb: FactorBuilder, w: Window):
@@ -117,7 +116,7 @@ def _window_dims(fb: FactorBuilder, w: Window):
     if mode == "out_even":
         f = _even(fb, fb.new(math.gcd(w.in_size, w.out_size)))
         return f, f
-    return fb.new(w.in_size, "replicate"), fb.new(w.out_size, "replicate")
+    return fb.new(w.in_size, FactorKind.REPLICATE), fb.new(w.out_size, FactorKind.REPLICATE)
 
 
 # --------------------------------------------------------------------------- halo plans
@@ -339,7 +338,8 @@ def _conv_internal(eqn, ctx):
                                               tag=("masked", masked) if masked else ())]
 
 
-@register(lax.conv_general_dilated_p, partial="one_sum", lower=_lower_conv, internal=_conv_internal)
+@register(lax.conv_general_dilated_p, partial=PartialMode.ONE_SUM, lower=_lower_conv,
+          internal=_conv_internal)
 def conv_factors(eqn):
     p = eqn.params
     dn = p["dimension_numbers"]
@@ -350,12 +350,12 @@ def conv_factors(eqn):
     L, R, O = [()] * len(lhs), [()] * len(rhs), [()] * len(out)
     if fgc == 1 and bgc == 1:
         L[lb] = O[ob] = fb.new(lhs[lb])
-        L[lf] = R[ri] = fb.new(lhs[lf], "sum")
+        L[lf] = R[ri] = fb.new(lhs[lf], FactorKind.SUM)
         R[ro] = O[of] = fb.new(rhs[ro])
     elif bgc == 1:
         # Feature groups (major in lhs features and in output features): a pass factor.
         g = fb.new(fgc)
-        cin = fb.new(lhs[lf] // fgc, "sum")
+        cin = fb.new(lhs[lf] // fgc, FactorKind.SUM)
         cout = fb.new(rhs[ro] // fgc)
         L[lb] = O[ob] = fb.new(lhs[lb])
         L[lf] = _even(fb, g + cin)
@@ -368,22 +368,22 @@ def conv_factors(eqn):
         cout = fb.new(rhs[ro] // bgc)
         L[lb] = _even(fb, g + nb)
         O[ob] = nb
-        L[lf] = R[ri] = fb.new(lhs[lf], "sum")
+        L[lf] = R[ri] = fb.new(lhs[lf], FactorKind.SUM)
         R[ro] = O[of] = _even(fb, g + cout)
     else:
-        L[lb], L[lf] = fb.new(lhs[lb], "replicate"), fb.new(lhs[lf], "replicate")
-        R[ro], R[ri] = fb.new(rhs[ro], "replicate"), fb.new(rhs[ri], "replicate")
-        O[ob], O[of] = fb.new(out[ob], "replicate"), fb.new(out[of], "replicate")
+        L[lb], L[lf] = fb.new(lhs[lb], FactorKind.REPLICATE), fb.new(lhs[lf], FactorKind.REPLICATE)
+        R[ro], R[ri] = fb.new(rhs[ro], FactorKind.REPLICATE), fb.new(rhs[ri], FactorKind.REPLICATE)
+        O[ob], O[of] = fb.new(out[ob], FactorKind.REPLICATE), fb.new(out[of], FactorKind.REPLICATE)
     for ld, rd, od, w, mode in _conv_windows(eqn):
         if mode == "kernel":
             # Uneven splits only where both dims have the factor's size: lower.py zeroes the
             # padding rows of an uneven sum factor by the factor's size.
-            f = fb.new(math.gcd(w.in_size, w.size), "sum")
+            f = fb.new(math.gcd(w.in_size, w.size), FactorKind.SUM)
             L[ld] = R[rd] = f if w.in_size == w.size and w.base == 1 else _even(fb, f)
-            O[od] = fb.new(w.out_size, "replicate")
+            O[od] = fb.new(w.out_size, FactorKind.REPLICATE)
         else:
             L[ld], O[od] = _window_dims(fb, w)
-            R[rd] = fb.new(w.size, "replicate")     # size 1 (pass mode): no factor
+            R[rd] = fb.new(w.size, FactorKind.REPLICATE)     # size 1 (pass mode): no factor
     return fb.build([L, R], [O])
 
 
@@ -432,8 +432,9 @@ def _simple_internal(eqn, ctx):
                                               fill=None if low is None else ("identity", low))]
 
 
-for _name, _partial in (("reduce_window_sum", "unary_sum"), ("reduce_window_max", "unary_max"),
-                        ("reduce_window_min", "unary_min")):
+for _name, _partial in (("reduce_window_sum", PartialMode.UNARY_SUM),
+                        ("reduce_window_max", PartialMode.UNARY_MAX),
+                        ("reduce_window_min", PartialMode.UNARY_MIN)):
     register(_name, partial=_partial, lower=_lower_simple, internal=_simple_internal)(_simple_factors)
 
 
@@ -495,7 +496,8 @@ def _gather_internal(eqn, ctx):
             for t, r in _transforms(halos, ctx.axis_sizes, "select_and_gather_add halo", fill=fills[i])]
 
 
-@register("select_and_gather_add", partial="unary_sum", lower=_lower_gather, internal=_gather_internal)
+@register("select_and_gather_add", partial=PartialMode.UNARY_SUM, lower=_lower_gather,
+          internal=_gather_internal)
 def select_and_gather_factors(eqn):
     fb = FactorBuilder()
     dims = [_window_dims(fb, w) for w in _gather_windows(eqn)]
@@ -539,7 +541,8 @@ def _scatter_internal(eqn, ctx):
     return fwd + back
 
 
-@register("select_and_scatter_add", partial="unary_sum", lower=_lower_scatter, internal=_scatter_internal)
+@register("select_and_scatter_add", partial=PartialMode.UNARY_SUM, lower=_lower_scatter,
+          internal=_scatter_internal)
 def select_and_scatter_factors(eqn):
     fb = FactorBuilder()
     dims = [_window_dims(fb, w) for w in _scatter_windows(eqn)]
@@ -557,7 +560,7 @@ def _pad_windows(eqn):
 def _pad_partial(eqn):
     # Linear in the operand when the padding value is a literal zero (grads of slices).
     v = eqn.invars[1]
-    return "unary_sum" if v.is_const and not np.any(np.asarray(v.const)) else "none"
+    return PartialMode.UNARY_SUM if v.is_const and not np.any(np.asarray(v.const)) else PartialMode.NONE
 
 
 def _lower_pad(eqn, ctx, args):

@@ -11,9 +11,10 @@ from __future__ import annotations
 from jax import lax
 
 from . import FactorBuilder, register
+from ..kinds import FactorKind, PartialMode
 
 
-@register(lax.dot_general_p, partial="one_sum")
+@register(lax.dot_general_p, partial=PartialMode.ONE_SUM)
 def dot_factors(eqn):
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     lhs, rhs = eqn.invars[0].shape, eqn.invars[1].shape
@@ -26,7 +27,7 @@ def dot_factors(eqn):
         lhs_dims[l] = rhs_dims[r] = f
         batch.append(f)
     for l, r in zip(lc, rc):
-        lhs_dims[l] = rhs_dims[r] = fb.new(lhs[l], "sum")
+        lhs_dims[l] = rhs_dims[r] = fb.new(lhs[l], FactorKind.SUM)
     lhs_free = []
     for d in range(len(lhs)):
         if lhs_dims[d] is None:

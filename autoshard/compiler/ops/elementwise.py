@@ -16,6 +16,7 @@ import numpy as np
 from jax import lax
 
 from . import FactorBuilder, register
+from ..kinds import PartialMode
 
 _UNARY = [
     "neg", "sign", "floor", "ceil", "round", "is_finite", "exp", "exp2", "log", "log1p", "expm1",
@@ -52,14 +53,16 @@ _PARTIAL_MODE = {
     # neg is linear, but it turns a max into a min: -(P(max)) is not P(max) (gave wrong values
     # for ``-x.max(axis)`` with ``axis`` split), so only sums pass. reduce_precision rounds
     # each partial sum apart (wrong sums); it is monotone, so maxima pass.
-    "neg": "unary_sum", "copy": "unary_any", "copy_p": "unary_any", "stop_gradient": "unary_any",
-    "reduce_precision": "unary_max", "real": "unary_sum", "imag": "unary_sum", "conj": "unary_sum",
-    "add": "same_sum", "add_any": "same_sum", "sub": "same_sum",
-    "mul": "one_sum", "div": "first_sum", "max": "same_max", "min": "same_min",
+    "neg": PartialMode.UNARY_SUM, "copy": PartialMode.UNARY_ANY, "copy_p": PartialMode.UNARY_ANY,
+    "stop_gradient": PartialMode.UNARY_ANY, "reduce_precision": PartialMode.UNARY_MAX,
+    "real": PartialMode.UNARY_SUM, "imag": PartialMode.UNARY_SUM, "conj": PartialMode.UNARY_SUM,
+    "add": PartialMode.SAME_SUM, "add_any": PartialMode.SAME_SUM, "sub": PartialMode.SAME_SUM,
+    "mul": PartialMode.ONE_SUM, "div": PartialMode.FIRST_SUM,
+    "max": PartialMode.SAME_MAX, "min": PartialMode.SAME_MIN,
 }
 
 for _name in _UNARY + _BINARY:
-    register(_name, partial=_PARTIAL_MODE.get(_name, "none"))(elementwise_factors)
+    register(_name, partial=_PARTIAL_MODE.get(_name, PartialMode.NONE))(elementwise_factors)
 
 
 def _convert_partial_mode(eqn):
@@ -67,7 +70,7 @@ def _convert_partial_mode(eqn):
     src, dst = np.dtype(eqn.invars[0].dtype), np.dtype(eqn.params["new_dtype"])
     src_float, dst_float = jnp.issubdtype(src, jnp.floating), jnp.issubdtype(dst, jnp.floating)
     if src_float and dst_float and (dst.itemsize > src.itemsize or dst == src):
-        return "unary_any"     # widening float -> float: sums and maxima commute (up to rounding)
+        return PartialMode.UNARY_ANY     # widening float -> float: sums and maxima commute (up to rounding)
     # Otherwise only monotone casts commute, with max only. Not monotone (wrong values before,
     # as every non-float cast passed P(max)): to bool (max(-1, 0) = 0 is False, but -1 is
     # True), int narrowing (wraps), signed <-> unsigned, float -> unsigned. A narrowing float
@@ -82,7 +85,7 @@ def _convert_partial_mode(eqn):
         monotone = src_float or jnp.issubdtype(src, jnp.integer)
     else:
         monotone = src_float and jnp.issubdtype(dst, jnp.signedinteger)
-    return "unary_max" if monotone else "none"
+    return PartialMode.UNARY_MAX if monotone else PartialMode.NONE
 
 
 register(lax.convert_element_type_p, partial=_convert_partial_mode)(elementwise_factors)

@@ -26,6 +26,7 @@ from jax import lax
 from jax.lax import GatherScatterMode
 
 from . import FactorBuilder, register
+from ..kinds import FactorKind, PartialMode
 
 
 def _one_indexed_dim(dims_of_index, collapsed_or_inserted, operand_batching, index_shape):
@@ -80,10 +81,10 @@ def gather_factors(eqn):
         if slice_sizes[d] == op_shape[d] and d not in dn.start_index_map:
             op_dims[d] = res_dims[rd] = fb.new(op_shape[d])
         else:
-            op_dims[d] = fb.new(op_shape[d], "replicate")
-            res_dims[rd] = fb.new(res_shape[rd], "replicate")
+            op_dims[d] = fb.new(op_shape[d], FactorKind.REPLICATE)
+            res_dims[rd] = fb.new(res_shape[rd], FactorKind.REPLICATE)
     vocab = _gather_vocab_dim(eqn)
-    op_dims = [fb.new(s, "sum" if d == vocab else "replicate") if f is None else f
+    op_dims = [fb.new(s, FactorKind.SUM if d == vocab else FactorKind.REPLICATE) if f is None else f
                for d, (f, s) in enumerate(zip(op_dims, op_shape))]
     return fb.build([op_dims, idx_dims], [res_dims])
 
@@ -135,12 +136,12 @@ def _gather_partial(eqn):
     fill, the most negative value, wraps). Only a zero or NaN fill sums to itself; maxima of
     equal fills are always right."""
     if eqn.params["mode"] != GatherScatterMode.FILL_OR_DROP:
-        return "unary_any"
+        return PartialMode.UNARY_ANY
     fill = eqn.params.get("fill_value")
     inexact = jax.dtypes.issubdtype(np.dtype(eqn.outvars[0].dtype), np.inexact)
     if (fill is None and inexact) or (fill is not None and (fill == 0 or np.isnan(fill))):
-        return "unary_any"
-    return "unary_max"
+        return PartialMode.UNARY_ANY
+    return PartialMode.UNARY_MAX
 
 
 register(lax.gather_p, partial=_gather_partial, localize=_localize_gather, lower=_lower_gather)(gather_factors)
@@ -160,8 +161,8 @@ def _scatter_factors(eqn, reduction_kind):
         if upd_shape[ud] == op_shape[d] and d not in dn.scatter_dims_to_operand_dims:
             op_dims[d] = upd_dims[ud] = fb.new(op_shape[d])
         else:
-            op_dims[d] = fb.new(op_shape[d], "replicate")
-            upd_dims[ud] = fb.new(upd_shape[ud], "replicate")
+            op_dims[d] = fb.new(op_shape[d], FactorKind.REPLICATE)
+            upd_dims[ud] = fb.new(upd_shape[ud], FactorKind.REPLICATE)
     scatter_upd = [d for d in range(len(upd_shape)) if d not in dn.update_window_dims]
     for k, ud in enumerate(scatter_upd):
         idx_d = k  # jax puts the index vector last, so indices dims line up with update scatter dims
@@ -170,10 +171,10 @@ def _scatter_factors(eqn, reduction_kind):
             op_dims[od] = upd_dims[ud] = idx_dims[idx_d] = fb.new(upd_shape[ud])
         else:
             upd_dims[ud] = idx_dims[idx_d] = fb.new(upd_shape[ud], reduction_kind)
-    vocab = _scatter_vocab_dim(eqn) if reduction_kind == "sum" else None
-    op_dims = [fb.new(s, "pass" if d == vocab else "replicate") if f is None else f
+    vocab = _scatter_vocab_dim(eqn) if reduction_kind == FactorKind.SUM else None
+    op_dims = [fb.new(s, FactorKind.PASS if d == vocab else FactorKind.REPLICATE) if f is None else f
                for d, (f, s) in enumerate(zip(op_dims, op_shape))]
-    accumulators = (0,) if reduction_kind != "replicate" else ()
+    accumulators = (0,) if reduction_kind != FactorKind.REPLICATE else ()
     return fb.build([op_dims, idx_dims, upd_dims], [op_dims], accumulators)
 
 
@@ -201,9 +202,9 @@ def _lower_scatter_add(eqn, ctx, args):
 
 @register("scatter-add", "scatter_add", lower=_lower_scatter_add)
 def scatter_add_factors(eqn):
-    return _scatter_factors(eqn, "sum")
+    return _scatter_factors(eqn, FactorKind.SUM)
 
 
 @register("scatter", "scatter-mul", "scatter_mul", "scatter-min", "scatter_min", "scatter-max", "scatter_max")
 def scatter_factors(eqn):
-    return _scatter_factors(eqn, "replicate")
+    return _scatter_factors(eqn, FactorKind.REPLICATE)

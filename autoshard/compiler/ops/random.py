@@ -21,6 +21,7 @@ from jax import lax
 
 from . import FactorBuilder, register
 from .elementwise import elementwise_factors
+from ..kinds import FactorKind
 
 for _name in ("random_seed", "random_fold_in", "threefry2x32"):
     register(_name)(elementwise_factors)
@@ -33,8 +34,8 @@ def _bitcast_factors(eqn):
     fb = FactorBuilder()                # width change adds or drops a trailing dim
     shape_in, shape_out = eqn.invars[0].shape, eqn.outvars[0].shape
     common = [fb.new(s) for s in shape_in[:min(len(shape_in), len(shape_out))]]
-    op = common + [fb.new(s, "replicate") for s in shape_in[len(common):]]
-    out = common + [fb.new(s, "replicate") for s in shape_out[len(common):]]
+    op = common + [fb.new(s, FactorKind.REPLICATE) for s in shape_in[len(common):]]
+    out = common + [fb.new(s, FactorKind.REPLICATE) for s in shape_out[len(common):]]
     return fb.build([op], [out])
 
 
@@ -46,7 +47,7 @@ def random_wrap_factors(eqn):
     fb = FactorBuilder()
     shape = eqn.invars[0].shape
     batch = [fb.new(s) for s in shape[:-1]]
-    return fb.build([batch + [fb.new(shape[-1], "replicate")]], [batch])
+    return fb.build([batch + [fb.new(shape[-1], FactorKind.REPLICATE)]], [batch])
 
 
 @register("random_unwrap")
@@ -54,7 +55,7 @@ def random_unwrap_factors(eqn):
     fb = FactorBuilder()
     shape = eqn.outvars[0].shape
     batch = [fb.new(s) for s in shape[:-1]]
-    return fb.build([batch], [batch + [fb.new(shape[-1], "replicate")]])
+    return fb.build([batch], [batch + [fb.new(shape[-1], FactorKind.REPLICATE)]])
 
 
 @register("random_split")
@@ -62,7 +63,7 @@ def random_split_factors(eqn):
     fb = FactorBuilder()
     keys = eqn.invars[0].shape
     batch = [fb.new(s) for s in keys]
-    new = [fb.new(s, "replicate") for s in eqn.outvars[0].shape[len(keys):]]
+    new = [fb.new(s, FactorKind.REPLICATE) for s in eqn.outvars[0].shape[len(keys):]]
     return fb.build([batch], [batch + new])
 
 
@@ -102,7 +103,7 @@ def _lower_random_bits(eqn, ctx, args):
 @register("random_bits", lower=_lower_random_bits)
 def random_bits_factors(eqn):
     fb = FactorBuilder()
-    kind = "pass" if _partitionable(eqn) else "replicate"
+    kind = FactorKind.PASS if _partitionable(eqn) else FactorKind.REPLICATE
     # Batched keys (vmap over a key array): the result is keys.shape + shape, and each key
     # draws independently, so the key batch dims are shared pass factors. (Building the
     # result from ``shape`` alone gave it too few dims and the planner failed.)

@@ -11,19 +11,21 @@ from __future__ import annotations
 
 
 from . import FactorBuilder, register
+from ..kinds import FactorKind, PartialMode
 
-_REDUCE_KIND = {"reduce_sum": "sum", "reduce_max": "max", "reduce_min": "min"}
-_PARTIAL = {"reduce_sum": "unary_sum", "reduce_max": "unary_max", "reduce_min": "unary_min"}
+_REDUCE_KIND = {"reduce_sum": FactorKind.SUM, "reduce_max": FactorKind.MAX, "reduce_min": FactorKind.MIN}
+_PARTIAL = {"reduce_sum": PartialMode.UNARY_SUM, "reduce_max": PartialMode.UNARY_MAX,
+            "reduce_min": PartialMode.UNARY_MIN}
 
 
 def _reduce_factors(eqn):
     shape = eqn.invars[0].shape
     axes = set(eqn.params["axes"])
-    kind = _REDUCE_KIND.get(eqn.prim.name, "replicate")
+    kind = _REDUCE_KIND.get(eqn.prim.name, FactorKind.REPLICATE)
     fb = FactorBuilder()
     operand, result = [], []
     for d, size in enumerate(shape):
-        f = fb.new(size, kind if d in axes else "pass")
+        f = fb.new(size, kind if d in axes else FactorKind.PASS)
         operand.append(f)
         if d not in axes:
             result.append(f)
@@ -32,7 +34,7 @@ def _reduce_factors(eqn):
 
 for _name in ("reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and",
               "reduce_or", "reduce_xor", "argmax", "argmin"):
-    register(_name, partial=_PARTIAL.get(_name, "none"))(_reduce_factors)
+    register(_name, partial=_PARTIAL.get(_name, PartialMode.NONE))(_reduce_factors)
 
 
 def _along_axis_factors(eqn):
@@ -41,7 +43,7 @@ def _along_axis_factors(eqn):
     axis = eqn.params.get("axis", eqn.params.get("dimension"))
     axis = axis % len(shape) if shape else 0
     fb = FactorBuilder()
-    dims = [fb.new(s, "replicate" if d == axis else "pass") for d, s in enumerate(shape)]
+    dims = [fb.new(s, FactorKind.REPLICATE if d == axis else FactorKind.PASS) for d, s in enumerate(shape)]
     return fb.build([dims] * len(eqn.invars), [dims] * len(eqn.outvars))
 
 

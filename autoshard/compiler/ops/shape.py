@@ -18,10 +18,11 @@ import math
 from jax import lax
 
 from . import FactorBuilder, register
+from ..kinds import FactorKind, PartialMode
 
 
 def _structural(name, **kw):
-    return register(name, partial="unary_any", **kw)
+    return register(name, partial=PartialMode.UNARY_ANY, **kw)
 
 
 # -- broadcast_in_dim ---------------------------------------------------------------------
@@ -61,9 +62,9 @@ def reshape_factor_dims(in_shape, out_shape, fb: FactorBuilder):
         g = math.gcd(ra, rb)
         if g == 1:
             for k in range(i, len(in_shape)):
-                in_dims[k] += fb.new(ra if k == i else in_shape[k], "replicate")
+                in_dims[k] += fb.new(ra if k == i else in_shape[k], FactorKind.REPLICATE)
             for k in range(j, len(out_shape)):
-                out_dims[k] += fb.new(rb if k == j else out_shape[k], "replicate")
+                out_dims[k] += fb.new(rb if k == j else out_shape[k], FactorKind.REPLICATE)
             break
         f = fb.new(g)
         in_dims[i] += f
@@ -112,7 +113,8 @@ def squeeze_factors(eqn):
 def rev_factors(eqn):
     fb = FactorBuilder()
     rev = set(eqn.params["dimensions"])
-    operand = [fb.new(s, "replicate" if d in rev else "pass") for d, s in enumerate(eqn.invars[0].shape)]
+    operand = [fb.new(s, FactorKind.REPLICATE if d in rev else FactorKind.PASS)
+               for d, s in enumerate(eqn.invars[0].shape)]
     return fb.build([operand], [operand])
 
 
@@ -145,13 +147,13 @@ def _moved_dims_factors(eqn, moved: set, n_shared_operands: int):
     shared = [None if d in moved else fb.new(s) for d, s in enumerate(base)]
 
     def dims_of(shape):
-        return [fb.new(s, "replicate") if shared[d] is None else shared[d] for d, s in enumerate(shape)]
+        return [fb.new(s, FactorKind.REPLICATE) if shared[d] is None else shared[d] for d, s in enumerate(shape)]
     operands = [dims_of(v.shape) if k < n_shared_operands else [()] * len(v.shape)
                 for k, v in enumerate(eqn.invars)]
     return fb.build(operands, [dims_of(v.shape) for v in eqn.outvars])
 
 
-@register(lax.concatenate_p, partial="same_sum")
+@register(lax.concatenate_p, partial=PartialMode.SAME_SUM)
 def concatenate_factors(eqn):
     return _moved_dims_factors(eqn, {eqn.params["dimension"]}, len(eqn.invars))
 
@@ -199,8 +201,8 @@ def dynamic_update_slice_factors(eqn):
     moved = {d for d in range(len(operand)) if update[d] != operand[d]}
     fb = FactorBuilder()
     shared = [None if d in moved else fb.new(s) for d, s in enumerate(operand)]
-    op_dims = [fb.new(s, "replicate") if shared[d] is None else shared[d] for d, s in enumerate(operand)]
-    up_dims = [fb.new(s, "replicate") if shared[d] is None else shared[d] for d, s in enumerate(update)]
+    op_dims = [fb.new(s, FactorKind.REPLICATE) if shared[d] is None else shared[d] for d, s in enumerate(operand)]
+    up_dims = [fb.new(s, FactorKind.REPLICATE) if shared[d] is None else shared[d] for d, s in enumerate(update)]
     return fb.build([op_dims, up_dims] + [()] * (len(eqn.invars) - 2), [op_dims])
 
 

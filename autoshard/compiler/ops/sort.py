@@ -20,6 +20,7 @@ stay partial: sorting a partial sum ranks the wrong values.
 from __future__ import annotations
 
 from . import FactorBuilder, register
+from ..kinds import FactorKind
 
 
 def _axis(eqn, rank: int) -> int:
@@ -34,7 +35,7 @@ def sort_factors(eqn):
     shape = eqn.invars[0].shape
     axis = _axis(eqn, len(shape))
     fb = FactorBuilder()
-    dims = [fb.new(s, "replicate" if d == axis else "pass") for d, s in enumerate(shape)]
+    dims = [fb.new(s, FactorKind.REPLICATE if d == axis else FactorKind.PASS) for d, s in enumerate(shape)]
     return fb.build([dims] * len(eqn.invars), [dims] * len(eqn.outvars))
 
 
@@ -47,8 +48,8 @@ def top_k_factors(eqn):
     operand, result = [], []
     for d, s in enumerate(shape):
         if d == axis:
-            operand.append(fb.new(s, "replicate"))
-            result.append(fb.new(eqn.outvars[0].shape[d], "replicate"))
+            operand.append(fb.new(s, FactorKind.REPLICATE))
+            result.append(fb.new(eqn.outvars[0].shape[d], FactorKind.REPLICATE))
         else:
             f = fb.new(s)
             operand.append(f)

@@ -9,6 +9,7 @@ from .compiler.mesh import abstract_mesh, make_mesh
 from .compiler.ops.constraint import constrain
 from .errors import (MeshError, PlanningOnlyError, ShardingError, SpecError,
                      UnsupportedPrimitiveError)
+from .report import ShardingReport
 from .runtime.executable import ParallelFunction, parallelize
 
 __all__ = [
@@ -16,10 +17,3 @@ __all__ = [
     "ShardingReport", "ShardingError", "MeshError", "SpecError", "UnsupportedPrimitiveError",
     "PlanningOnlyError",
 ]
-
-
-def __getattr__(name):
-    if name == "ShardingReport":
-        from .compiler.report import ShardingReport
-        return ShardingReport
-    raise AttributeError(name)

@@ -113,7 +113,7 @@ def parse_link(text: str):
 
 def parse_roles(text: str) -> dict:
     """``0=parameters,1=optimizer state,2=batch`` -> ``{0: 'parameters', ...}``."""
-    from .compiler.report import ROLES
+    from .report import ROLES
     roles = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         k, _, role = part.partition("=")
@@ -353,7 +353,7 @@ def _model_report(args):
 
 
 def report(args) -> int:
-    from .compiler.report import _fmt_bytes
+    from .report.fmt import fmt_bytes
     rep, roles = _user_report(args) if args.target else _model_report(args)
     links = dict(parse_link(t) for t in args.link)
     roles.update(parse_roles(args.roles) if args.roles else {})
@@ -365,21 +365,21 @@ def report(args) -> int:
         print(rep)
     else:
         print(rep.summary())
-        line = (f"memory per device: parameters {_fmt_bytes(mem['parameters'])}, optimizer state "
-                f"{_fmt_bytes(mem['optimizer_state'])}, batch {_fmt_bytes(mem['batch'])}, other inputs "
-                f"{_fmt_bytes(mem['other_inputs'])}, activations ~{_fmt_bytes(mem['activations_peak'])} (estimated)")
-        line += (f"; gradients {_fmt_bytes(mem['gradients'])}, activations kept for backward "
-                 f"{_fmt_bytes(mem['activations_for_backward'])}, largest temporary "
-                 f"{_fmt_bytes(mem['largest_temporary'])}, temporaries peak {_fmt_bytes(mem['temporaries_peak'])}; "
-                 f"step total ~{_fmt_bytes(mem['step_total'])}")
+        line = (f"memory per device: parameters {fmt_bytes(mem['parameters'])}, optimizer state "
+                f"{fmt_bytes(mem['optimizer_state'])}, batch {fmt_bytes(mem['batch'])}, other inputs "
+                f"{fmt_bytes(mem['other_inputs'])}, activations ~{fmt_bytes(mem['activations_peak'])} (estimated)")
+        line += (f"; gradients {fmt_bytes(mem['gradients'])}, activations kept for backward "
+                 f"{fmt_bytes(mem['activations_for_backward'])}, largest temporary "
+                 f"{fmt_bytes(mem['largest_temporary'])}, temporaries peak {fmt_bytes(mem['temporaries_peak'])}; "
+                 f"step total ~{fmt_bytes(mem['step_total'])}")
         if "xla" in mem:
             x = mem["xla"]
-            line += (f"; XLA: arguments {_fmt_bytes(x['argument_size_in_bytes'])}, outputs "
-                     f"{_fmt_bytes(x['output_size_in_bytes'])}, temporaries {_fmt_bytes(x['temp_size_in_bytes'])}")
+            line += (f"; XLA: arguments {fmt_bytes(x['argument_size_in_bytes'])}, outputs "
+                     f"{fmt_bytes(x['output_size_in_bytes'])}, temporaries {fmt_bytes(x['temp_size_in_bytes'])}")
         print(line)
         for axes, c in rep.communication().items():
             print(f"communication over {axes}: {c['collectives']} collectives, {c['runs']} runs per step, "
-                  f"{_fmt_bytes(c['wire_bytes'])} per device per step, ~{c['time_s'] * 1e3:.2f} ms")
+                  f"{fmt_bytes(c['wire_bytes'])} per device per step, ~{c['time_s'] * 1e3:.2f} ms")
         for w in rep.warnings:
             print(f"warning [{w.kind}] {w.message}\n  fix: {w.fix}")
     for name in args.explain:

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 
 import autoshard as ash
-from autoshard.runtime.hlo import parse_collectives, summarize
+from autoshard.report.hlo import parse_collectives, summarize
 
 
 def mesh(shape: str):

@@ -67,7 +67,7 @@ def _replicated_values(rep):
         for o in e.outvars:
             lay = p.final_layout(o)
             if not any(lay.dims) and not lay.partial:
-                out.append((rep._local_bytes(o, lay), o, users[id(o)]))
+                out.append((rep.context.local_bytes(o, lay), o, users[id(o)]))
     return out
 
 

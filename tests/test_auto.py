@@ -17,7 +17,7 @@ import autoshard as ash
 from _util import assert_report_matches_hlo, assert_tree_close, count
 from autoshard.errors import NoFeasiblePlanError
 from autoshard.models import get_model, presets
-from autoshard.passes.auto_search import describe_layers, estimated_step_seconds
+from autoshard.report.strategy import describe_layers, estimated_step_seconds
 
 GPT_CFG = dict(vocab_size=128, d_model=32, n_heads=8, seq_len=16)
 SLOW_DEVICE = 1e10        # points per second: compute-bound regime
@@ -181,7 +181,7 @@ def test_gpt_12_layers_at_a_realistic_size_is_cheaper_than_every_preset_with_few
     bytes with ZeRO-3 over data and batch over model)."""
     import dataclasses
     from autoshard.models import gpt
-    from autoshard.runtime.hlo import parse_collectives
+    from autoshard.report.hlo import parse_collectives
     cfg = dataclasses.replace(gpt.SIZES["test"], d_model=1024, n_heads=16, seq_len=512,
                               vocab_size=8192, n_layers=12)
     rate = 1e14

@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 import autoshard as ash
 from _util import assert_report_matches_hlo, assert_tree_close
-from autoshard.runtime.hlo import parse_collectives
+from autoshard.report.hlo import parse_collectives
 
 
 class CNN(nnx.Module):

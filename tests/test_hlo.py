@@ -1,4 +1,4 @@
-"""autoshard.runtime.hlo: collectives read back from compiled HLO (8 simulated CPU devices).
+"""autoshard.report.hlo: collectives read back from compiled HLO (8 simulated CPU devices).
 
 Every expected value below is derived from the program (its inputs, specs and the
 collective it calls), never from the parser's output.
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from autoshard.compiler.cost_model import wire_bytes
-from autoshard.runtime.hlo import HloCollective, parse_collectives, summarize
+from autoshard.report.hlo import HloCollective, parse_collectives, summarize
 
 
 def make_mesh(shape, names, order=None):

@@ -115,7 +115,7 @@ def test_baseline_jit_uses_all_reduce_for_the_same_program():
     h = jax.ShapeDtypeStruct((B, H), jnp.float32, sharding=NamedSharding(m, P("data", "model")))
     w2 = jax.ShapeDtypeStruct((H, D), jnp.float32, sharding=NamedSharding(m, P("model", None)))
     f = jax.jit(row_parallel, out_shardings=NamedSharding(m, P("data", "model")))
-    from autoshard.runtime.hlo import parse_collectives
+    from autoshard.report.hlo import parse_collectives
     hlo = parse_collectives(f.lower(h, w2).compile().as_text(), m)
     ours = ash.parallelize(lambda h, w: ash.constrain(h @ w, P("data", "model")), mesh=m,
                            in_specs=(P("data", "model"), P("model", None)))

@@ -7,7 +7,7 @@ import pytest
 import autoshard as ash
 from autoshard.compiler.layout import Layout
 from autoshard.compiler.planner import plan
-from autoshard.runtime import collectives
+from autoshard.compiler import collectives
 
 SIZES = {"data": 2, "model": 4}
 

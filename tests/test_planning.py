@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 import autoshard as ash
 from autoshard.errors import PlanningOnlyError
 from autoshard.models import MODEL_NAMES, get_model, gpt, presets
-from autoshard.runtime.hlo import parse_collectives
+from autoshard.report.hlo import parse_collectives
 
 
 # Validation pairs: every reference model under every strategy it has, on the 8-device mesh

@@ -26,9 +26,9 @@ from jax.sharding import PartitionSpec as P
 
 import autoshard as ash
 from autoshard.compiler.cost_model import LinkModel, wire_bytes
-from autoshard.compiler.report import DEFAULT_THRESHOLDS, MiB, WARNING_KINDS
+from autoshard.report import DEFAULT_THRESHOLDS, MiB, WARNING_KINDS
 from autoshard.models import get_model, presets
-from autoshard.runtime.hlo import parse_collectives, summarize
+from autoshard.report.hlo import parse_collectives, summarize
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCHEMA = ROOT / "docs" / "report_schema.json"
@@ -81,7 +81,7 @@ def _q_projection(rep):
     """Block 0's q projection ``x @ q.kernel``: the dot_general that reads the q kernel."""
     p = rep.program
     kernel = p.graph.invars[p.in_paths.index("args[0]['blocks']['0']['attn']['q']['kernel']")]
-    return next(e for e in rep._eqns if e.prim.name == "dot_general" and kernel in e.invars)
+    return next(e for e in rep.context.eqns if e.prim.name == "dot_general" and kernel in e.invars)
 
 
 def test_explain_gpt_activation_names_annotation_and_op_chain(gpt):
@@ -169,7 +169,7 @@ def test_equations_grouped_by_source_line_and_module(gpt):
     assert sum(len(g["equations"]) for g in groups) == len(rep.equations)
     # The attention output projection (row-parallel): its line causes the model all-reduces.
     out_kernel = rep.program.graph.invars[rep.program.in_paths.index("args[0]['blocks']['0']['attn']['out']['kernel']")]
-    source = next(e.source for e in rep._eqns if e.prim.name == "dot_general" and out_kernel in e.invars)
+    source = next(e.source for e in rep.context.eqns if e.prim.name == "dot_general" and out_kernel in e.invars)
     attn = next(g for g in groups if g["source"] == source)
     assert attn["module"] == "CausalSelfAttention" and attn["collectives"] >= 2
     assert {"blocks.0.attn", "blocks.1.attn"} <= set(attn["layers"])

@@ -19,7 +19,7 @@ from autoshard.compiler import ir
 from autoshard.compiler.ops import conv as conv_rules
 from autoshard.compiler.ops import get_rule
 from autoshard.models import merge_params, split_params
-from autoshard.runtime.hlo import summarize
+from autoshard.report.hlo import summarize
 
 RNG = np.random.default_rng(0)
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -399,7 +399,7 @@ def test_halo_plan():
     # the blocks 3 and 4 after it -- nothing from the blocks in between.
     h = plan(1, ("m",), {"m": 8}, 16, 1, -5, 2, 2, (2, 2, 3), 6)
     assert (h.first, h.end, h.start) == (5, 7, 0)
-    from autoshard.runtime import collectives
+    from autoshard.compiler import collectives
     assert [p[:3] for p in collectives.window_pieces(("m",), {"m": 8}, 2, 5, 7)] == [(2, 1, 2), (3, 0, 1)]
 
 

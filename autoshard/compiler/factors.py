@@ -121,7 +121,7 @@ def _tensor_factor_sets(rule) -> list[frozenset]:
             for dims in (*rule.operands, *rule.results, *(d for _, d in rule.linked)) if dims]
 
 
-def _axis_conflicts(assignment, rule) -> list[tuple[str, list[int]]]:
+def axis_conflicts(assignment, rule) -> list[tuple[str, list[int]]]:
     conflicts = {}
     # A reduction factor's axis combines the devices along it, so every other factor must
     # hold the same block on all of them: no other factor of the op may use that axis (a
@@ -146,7 +146,7 @@ def compound_factors(rule) -> frozenset:
                      for d in dims if len(d) > 1 for f in d)
 
 
-def _legalize(assignment, rule, axis_sizes, reserved) -> list[Assignment]:
+def legalize(assignment, rule, axis_sizes, reserved) -> list[Assignment]:
     """Drop axes on replicate factors and reserved axes, truncate compound factors at
     non-dividing axes, and split axis conflicts into variants (each claimant keeps the
     axis once)."""
@@ -164,7 +164,7 @@ def _legalize(assignment, rule, axis_sizes, reserved) -> list[Assignment]:
             kept.append(a)
             rem //= axis_sizes[a]
         clean.append(tuple(kept))
-    conflicts = _axis_conflicts(clean, rule)
+    conflicts = axis_conflicts(clean, rule)
     if not conflicts:
         return [tuple(clean)]
     variants = []
@@ -174,7 +174,7 @@ def _legalize(assignment, rule, axis_sizes, reserved) -> list[Assignment]:
             for f in fs:
                 if f != keep and a in v[f]:
                     v[f] = v[f][:v[f].index(a)]
-        if not _axis_conflicts(v, rule):
+        if not axis_conflicts(v, rule):
             variants.append(tuple(v))
     return variants
 
@@ -191,7 +191,7 @@ def merged_assignment(rule, tensors, axis_sizes) -> tuple[Assignment, bool]:
         m = _merge(lists) if lists else ()
         agree &= all(_prefix_compatible(l, m) for l, _ in lists)
         merged.append(m)
-    agree &= not _axis_conflicts(merged, rule)
+    agree &= not axis_conflicts(merged, rule)
     return tuple(merged), agree, projections
 
 
@@ -205,7 +205,7 @@ def candidate_assignments(rule, tensors, axis_sizes, reserved=()) -> list[Assign
     raw.append(((),) * n)
     out, seen = [], set()
     for r in raw:
-        for v in _legalize(r, rule, axis_sizes, set(reserved)):
+        for v in legalize(r, rule, axis_sizes, set(reserved)):
             if v not in seen:
                 seen.add(v)
                 out.append(v)
@@ -297,7 +297,7 @@ def choose_uncached(rule, tensors, axis_sizes, links, reserved=(), passed_partia
     """
     merged, agree, _ = merged_assignment(rule, tensors, axis_sizes)
     if agree:
-        legal = _legalize(merged, rule, axis_sizes, set(reserved))
+        legal = legalize(merged, rule, axis_sizes, set(reserved))
         if legal == [merged]:
             c = assignment_cost(merged, rule, tensors, axis_sizes, links, passed_partial)
             if c is not None:

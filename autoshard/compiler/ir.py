@@ -116,7 +116,7 @@ def _jaxpr_name(i: int) -> str:
 _PKG = os.path.dirname(os.path.dirname(__file__))
 # autoshard's own machinery is not user code; its reference models are.
 _LIB_DIRS = tuple(os.path.dirname(m.__file__) for m in (jax, np)) + tuple(
-    os.path.join(_PKG, d) for d in ("compiler", "passes", "runtime"))
+    os.path.join(_PKG, d) for d in ("compiler", "passes", "report", "runtime"))
 
 
 def user_source(source_info) -> str:

@@ -1,7 +1,7 @@
 """Reshard planner: turn ``src -> dst`` layouts into per-mesh-axis transforms.
 
 Each transform becomes exactly one collective (or a free local step) in
-``runtime/collectives.py``; the report reads the same plan, so it cannot disagree with what
+``compiler/collectives.py``; the report reads the same plan, so it cannot disagree with what
 runs. Per mesh axis::
 
     S(d) -> B      all-gather           P -> B      all-reduce (psum / pmax / pmin)

@@ -7,15 +7,17 @@ per-device memory budget, with the user's annotations as fixed layouts.
 
 The problem:
 
-* **Strategies** per equation: the assignments of mesh axes to the equation's factors (from
-  its factor rule), each axis on at most one factor, splits even. A program input the user
-  left open is a node too, whose strategies are layouts of it.
+* **Strategies** per equation (``compiler/strategies.py``): the assignments of mesh axes to
+  the equation's factors (from its factor rule), each axis on at most one factor, splits even.
+  A program input the user left open is a node too, whose strategies are layouts of it.
 * **Costs**: an edge from a producer to a consumer costs the alpha-beta time of resharding the
   value from the layout the producer's strategy makes (partials included: their reduction) to
   the layout the consumer's strategy reads (``planner.reshard_time`` with latency weighed in
   full, as the report's time estimate does). Annotated inputs and outputs fold into the node
-  costs. Each strategy's per-device work costs ``points / compute_rate`` seconds, so splitting
-  work pays where it saves more compute than it costs communication.
+  costs. Each strategy's per-device work costs ``points / compute_rate`` seconds
+  (``cost_model.assignment_points``), so splitting work pays where it saves more compute than
+  it costs communication. The report applies the same model to any plan
+  (``report/strategy.estimated_step_seconds``).
 * **Merging**: equations of repeated layers are one node. Each value is labelled with the
   module path of its nearest parameter (``blocks.3.attn.q``); equations with the same
   primitive, shapes, params, source line and label up to layer numbers take the same strategy,
@@ -41,24 +43,24 @@ import functools
 import math
 import re
 import time
-from collections import defaultdict, deque
+from collections import defaultdict
 
 import jax
 import numpy as np
 
-from ..compiler.factors import (_axis_conflicts, _legalize,
-                                compound_factors, project, project_back, result_partial)
-from ..compiler.ir import loss_residuals, trip_counts
-from ..compiler.kinds import REDUCTION_KINDS, FactorKind, PartialMode
-from ..compiler.layout import Layout
-from ..compiler.ops import get_rule
 from ..compiler.cost_model import DEFAULT_POINTS_PER_SECOND, assignment_points
-from ..compiler.planner import reshard_time, transform_time
+from ..compiler.ir import loss_residuals
+from ..compiler.layout import Layout
+from ..compiler.naming import module_path, spread_labels
+from ..compiler.ops import get_rule
+from ..compiler.planner import reshard_time
 from ..compiler.program import Provenance
+from ..compiler.strategies import (assignment_of, axis_strategies, bytes_per_device, follower,
+                                   follows, input_layouts, operand_layout, partial_operand_sets, result_layout,
+                                   stacked, strategy_text, without_axis)
 from ..errors import NoFeasiblePlanError
 
 name = "auto_search"
-
 
 
 @dataclasses.dataclass
@@ -75,130 +77,13 @@ class SearchStats:
     candidates: tuple = ()     # (axis order, MILP objective) of every plan found
 
 
-# ------------------------------------------------------------------------ strategies
-
-@dataclasses.dataclass(frozen=True)
-class PassPartial:
-    """A strategy of an equation linear in some operands (add, sub, mul, dot_general,
-    reduce_sum) that reads ``operands`` still partial over ``axes`` and leaves its result
-    partial over them: the reduction happens once, further on (the gradients of q, k and v
-    summed before one all-reduce, as in Megatron's backward pass)."""
-    assignment: tuple
-    axes: tuple
-    operands: tuple
-
-
-def _assignment(strategy) -> tuple:
-    return strategy.assignment if isinstance(strategy, PassPartial) else strategy
-
-
-def _passed(strategy, operand=None) -> tuple:
-    """The ``(axis, "sum")`` pairs a strategy passes on (to ``operand``, or to its result)."""
-    if not isinstance(strategy, PassPartial) or (operand is not None and operand not in strategy.operands):
-        return ()
-    return tuple((a, "sum") for a in strategy.axes)
-
-
-def _strategies(fr, axis_sizes, base, axis: str, passing=()) -> list:
-    """``base`` (the strategy chosen for the axes searched before) with ``axis`` added to no
-    factor or to one (the even, legal ones; the replicated-on-``axis`` choice first), and, where
-    the equation passes partials (``passing``: the operand sets it is linear in), each of those
-    with the operands read partial over ``axis``."""
-    held, reads = (base.axes, base.operands) if isinstance(base, PassPartial) else ((), None)
-    plain = [_assignment(base)]
-    compound = compound_factors(fr)
-    for f in range(len(fr.sizes)):
-        if fr.kinds[f] == FactorKind.REPLICATE:
-            continue
-        s = tuple(ax + (axis,) if g == f else ax for g, ax in enumerate(plain[0]))
-        if fr.sizes[f] % math.prod(axis_sizes[a] for a in s[f]) or _axis_conflicts(s, fr):
-            continue
-        if f in compound and not all(project_back(s, dims, fr.sizes, axis_sizes) is not None
-                                     for dims in (*fr.operands, *fr.results)):
-            continue
-        plain.append(s)
-    out = [PassPartial(s, held, reads) if held else s for s in plain]
-    for s in plain:
-        if axis not in {a for ax in s for a in ax}:
-            out.extend(PassPartial(s, held + (axis,), ops) for ops in ([reads] if held else passing))
-    return out
-
-
-def _passing(e, fr) -> list[tuple]:
-    """The operand sets ``e`` may read partial and pass on, as insert_collectives does: all
-    operands of a sum (none constant), one operand of a product, and only where the result is
-    no larger than a partial operand (a reduction is never made bigger)."""
-    live = [i for i, v in enumerate(e.invars) if not v.is_const]
-    follower = len(live) == 1 and not any(k in REDUCTION_KINDS for k in fr.kinds)
-    if e.subgraphs or len(e.outvars) != 1 or fr.accumulators or follower:
-        return []       # (a follower reads its operand as its root node makes it)
-    mode = get_rule(e).partial_mode(e)
-    fits = lambda i: math.prod(e.outvars[0].shape) <= math.prod(e.invars[i].shape)
-    if mode is PartialMode.SAME_SUM:
-        return [tuple(live)] if len(live) == len(e.invars) > 1 and any(fits(i) for i in live) else []
-    if mode is PartialMode.ONE_SUM:
-        return [(i,) for i in live if fits(i)]
-    if mode in (PartialMode.FIRST_SUM, PartialMode.UNARY_SUM):
-        return [(0,)] if 0 in live and fits(0) else []
-    return []
-
-
-def _operand_layout(fr, s, i, axis_sizes) -> Layout:
-    a = _assignment(s)
-    dims = project_back(a, fr.operands[i], fr.sizes, axis_sizes)
-    partial = result_partial(a, fr) if i in fr.accumulators else ()
-    return Layout(dims, tuple(sorted({*partial, *_passed(s, i)})))
-
-
-def _result_layout(fr, s, j, axis_sizes) -> Layout:
-    a = _assignment(s)
-    return Layout(project_back(a, fr.results[j], fr.sizes, axis_sizes),
-                  tuple(sorted({*result_partial(a, fr), *_passed(s)})))
-
-
-def _input_layouts(v, axis_sizes, base: Layout, axis: str) -> list[Layout]:
-    """``base`` with ``axis`` added to no dim or to one it divides evenly."""
-    out = [base]
-    for d in range(len(v.shape)):
-        dims = tuple(ax + (axis,) if k == d else ax for k, ax in enumerate(base.dims))
-        if v.shape[d] % math.prod(axis_sizes[a] for a in dims[d]) == 0:
-            out.append(Layout(dims))
-    return out
-
-
-def _bytes_per_device(v, layout: Layout, axis_sizes) -> float:
-    return math.prod(layout.local_shape(v.shape, axis_sizes)) * np.dtype(v.dtype).itemsize
-
-
 # ------------------------------------------------------------------------ merging
 
 def _labels(program) -> dict:
-    """Each value's nearest parameter's module path (breadth-first over equations)."""
-    from ..compiler.report import module_path
+    """Each value's nearest parameter's module path (in top-level equations, either way)."""
     graph = program.graph
-    label, queue = {}, deque()
-    for v, path in zip(graph.invars, program.in_paths):
-        mp = module_path(path)
-        if mp and jax.dtypes.issubdtype(np.dtype(v.dtype), np.floating):
-            label[v] = mp
-            queue.append(v)
-    users, producer = defaultdict(list), {}
-    for e in graph.eqns:
-        for v in e.invars:
-            users[v].append(e)
-        for o in e.outvars:
-            producer[o] = e
-    while queue:
-        v = queue.popleft()
-        for e in (*users.get(v, ()), *((producer[v],) if v in producer else ())):
-            for w in (*e.invars, *e.outvars):
-                if not w.is_const and w not in label:
-                    label[w] = label[v]
-                    queue.append(w)
-    return label
-
-
-_DIGITS = re.compile(r"(?<![\w])\d+(?![\w])")
+    return spread_labels([(v, module_path(path)) for v, path in zip(graph.invars, program.in_paths)
+                          if jax.dtypes.issubdtype(np.dtype(v.dtype), np.floating)], graph.eqns)
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -223,16 +108,6 @@ class _Node:
     members: list                    # equations or input values
     cost: np.ndarray = None          # per strategy
     memory: np.ndarray = None        # per-device bytes per strategy (inputs, outputs, residuals)
-
-
-def _follows(e, fr, node_of_value) -> bool:
-    """An equation of one non-constant operand and no reduction (a unary elementwise op, a
-    reshape, a transpose, a broadcast) follows its operand: its layout is the operand's,
-    carried through its factors. Such equations are not nodes of the problem (Alpa merges
-    them likewise), which halves it."""
-    live = [v for v in e.invars if not v.is_const]
-    return (not e.subgraphs and len(e.outvars) == 1 and len(live) == 1 and live[0] in node_of_value
-            and not any(k in REDUCTION_KINDS for k in fr.kinds))
 
 
 def _state_pairs(program) -> dict:
@@ -265,25 +140,49 @@ def _state_pairs(program) -> dict:
     return pairs
 
 
-def _without_axis(strategy, axis):
-    """An assignment or input layout with ``axis`` taken out (to search it again)."""
-    if isinstance(strategy, PassPartial):
-        held = tuple(a for a in strategy.axes if a != axis)
-        rest = _without_axis(strategy.assignment, axis)
-        return PassPartial(rest, held, strategy.operands) if held else rest
-    if isinstance(strategy, Layout):
-        return Layout(tuple(tuple(a for a in d if a != axis) for d in strategy.dims))
-    return tuple(tuple(a for a in ax if a != axis) for ax in strategy)
-
-
 def _signature_ids(program) -> dict:
     """Each equation's signature as a small int (equal signatures, equal ids)."""
     interned: dict = {}
     return {e: interned.setdefault(_signature(e), len(interned)) for e in program.graph.all_eqns()}
 
 
+@dataclasses.dataclass
+class _Problem:
+    """The MILP of one mesh axis, before solving."""
+    nodes: dict               # key -> _Node (strategies, members, cost and memory per strategy)
+    node_of_eqn: dict         # searched equation -> its node's key
+    node_of_input: dict       # open program input -> its node's key
+    node_of_value: dict       # value -> (node key, strategy index -> the value's layout)
+    edges: dict               # (key a, key b) -> cost matrix over their strategy pairs
+    pairs: dict               # returned state: output value -> the input it leaves as
+    deferred: dict            # results whose reduction waits for their one consumer
+    region_inputs: dict       # body input of a searched scan -> (scan, operand index)
+
+    def chosen(self, choice: dict) -> dict:
+        """``{node key: strategy}`` of a solution's ``{node key: strategy index}``."""
+        return {k: self.nodes[k].strategies[c] for k, c in choice.items()}
+
+
+@dataclasses.dataclass
+class _Solution:
+    choice: dict              # node key -> strategy index
+    objective: float          # seconds
+    status: str               # the solver's message
+    pairs: int                # edges priced per strategy pair (not separable)
+    variables: int
+    memory: float | None      # per-device bytes of the choice, when a budget was given
+
+
+@dataclasses.dataclass
+class _Candidate:
+    order: list               # mesh axes in the order searched
+    problem: _Problem
+    solution: _Solution
+    base: dict                # node key -> chosen strategy
+
+
 def _build(program, axis_sizes, links, axis, base, compute_rate, labels, sig_ids, passing, deferred,
-           residuals):
+           residuals) -> _Problem:
     """The problem for mesh axis ``axis``, the axes before it fixed as ``base`` (node key ->
     chosen assignment or input layout)."""
     graph = program.graph
@@ -309,7 +208,7 @@ def _build(program, axis_sizes, links, axis, base, compute_rate, labels, sig_ids
         key = ("input", _normalized(path), tuple(v.shape), str(v.dtype))
         if key not in nodes:
             start = base.get(key, Layout.replicated(len(v.shape)))
-            nodes[key] = _Node(key, _input_layouts(v, axis_sizes, start, axis), [])
+            nodes[key] = _Node(key, input_layouts(v, axis_sizes, start, axis), [])
         nodes[key].members.append(v)
         node_of_input[v] = key
         node_of_value[v] = (key, lambda k, key=key: nodes[key].strategies[k])
@@ -327,7 +226,7 @@ def _build(program, axis_sizes, links, axis, base, compute_rate, labels, sig_ids
         for i, bv in enumerate(body.invars):
             key = ("region-in", e.index, i)
             start = base.get(key, Layout.replicated(len(bv.shape)))
-            nodes[key] = _Node(key, _input_layouts(bv, axis_sizes, start, axis), [bv])
+            nodes[key] = _Node(key, input_layouts(bv, axis_sizes, start, axis), [bv])
             node_of_value[bv] = (key, lambda k, key=key: nodes[key].strategies[k])
             chain[bv] = (key,)
             region_inputs[bv] = (e, i)
@@ -339,7 +238,7 @@ def _build(program, axis_sizes, links, axis, base, compute_rate, labels, sig_ids
             carries.append((body.outvars[k], carry, inner))
         for j in range(nk, len(e.outvars)):
             src, layout_of = node_of_value[body.outvars[j]]
-            node_of_value[e.outvars[j]] = (src, lambda k, f=layout_of: _stacked(f(k)))
+            node_of_value[e.outvars[j]] = (src, lambda k, f=layout_of: stacked(f(k)))
             chain[e.outvars[j]] = chain[body.outvars[j]] + ("stacked",)
 
     def visit(eqns, mult):
@@ -352,10 +251,10 @@ def _build(program, axis_sizes, links, axis, base, compute_rate, labels, sig_ids
 
     def place(e):
         fr = program.rules[e.index]
-        if _follows(e, fr, node_of_value) and e.outvars[0] not in program.closed:
+        if follows(e, fr, node_of_value) and e.outvars[0] not in program.closed:
             i = next(i for i, v in enumerate(e.invars) if not v.is_const)
             root, layout_of_operand = node_of_value[e.invars[i]]
-            derive = _follower(fr, i, layout_of_operand, axis_sizes)
+            derive = follower(fr, i, layout_of_operand, axis_sizes)
             followers[e] = (root, derive, i)
             node_of_value[e.outvars[0]] = (root, lambda k, d=derive: d(k)[1])
             chain[e.outvars[0]] = chain[e.invars[i]] + (sig_ids[e],)
@@ -369,10 +268,10 @@ def _build(program, axis_sizes, links, axis, base, compute_rate, labels, sig_ids
             if e.subgraphs:
                 strategies = [start]
             else:
-                strategies = _strategies(fr, axis_sizes, start, axis, passing.get(e, ()))
+                strategies = axis_strategies(fr, axis_sizes, start, axis, passing.get(e, ()))
                 if any(o in program.closed for o in e.outvars):
                     keep = [s for s in strategies if all(
-                        _result_layout(fr, s, j, axis_sizes).without_partial() == program.layouts[o]
+                        result_layout(fr, s, j, axis_sizes).without_partial() == program.layouts[o]
                         for j, o in enumerate(e.outvars) if o in program.closed)]
                     strategies = keep or strategies
             nodes[key] = _Node(key, strategies, [])
@@ -386,7 +285,7 @@ def _build(program, axis_sizes, links, axis, base, compute_rate, labels, sig_ids
             later = o in deferred
             node_of_value[o] = (key, lambda k, key=key, fr=fr, j=j, later=later: (
                 lambda lay: lay if later else lay.without_partial())(
-                _result_layout(fr, nodes[key].strategies[k], j, axis_sizes)))
+                result_layout(fr, nodes[key].strategies[k], j, axis_sizes)))
             chain[o] = (key, j, later)
     visit(graph.eqns, 1)
     for n in nodes.values():
@@ -419,16 +318,16 @@ def _build(program, axis_sizes, links, axis, base, compute_rate, labels, sig_ids
         fr, node, mult = program.rules[e.index], nodes[key], trips[e]
         if not e.subgraphs:     # a loop's or branch's work is its bodies', not searched here
             node.cost += mult * once(("work", key), lambda: np.array(
-                [assignment_points(fr.sizes, _assignment(s), axis_sizes) for s in node.strategies]) / compute_rate)
+                [assignment_points(fr.sizes, assignment_of(s), axis_sizes) for s in node.strategies]) / compute_rate)
         for j, o in enumerate(e.outvars):
             if not e.subgraphs and o not in deferred:
                 node.cost += mult * once(("reduce", key, j), lambda j=j, o=o: np.array(
                     [rt(m, m.without_partial(), o) for m in
-                     (_result_layout(fr, s, j, axis_sizes) for s in node.strategies)]))
+                     (result_layout(fr, s, j, axis_sizes) for s in node.strategies)]))
         for i, v in enumerate(e.invars):
             if v.is_const:
                 continue
-            want = lambda i=i: [_operand_layout(fr, s, i, axis_sizes) for s in node.strategies]
+            want = lambda i=i: [operand_layout(fr, s, i, axis_sizes) for s in node.strategies]
             if v in node_of_value:
                 matrix = once(("edge", chain[v], key, i), lambda: reshard_matrix(v, want()))
                 _add_edge(edges, nodes, node_of_value[v][0], key, mult * matrix)
@@ -441,7 +340,7 @@ def _build(program, axis_sizes, links, axis, base, compute_rate, labels, sig_ids
         # layout (stacked under the loop dim for a scanned-over operand).
         key, v, mult = node_of_value[bv][0], e.invars[i], trips[e]
         xs = i >= e.params["num_consts"] + e.params["num_carry"]
-        want = [_stacked(lay) if xs else lay for lay in nodes[key].strategies]
+        want = [stacked(lay) if xs else lay for lay in nodes[key].strategies]
         if v.is_const:
             continue
         if v in node_of_value:
@@ -466,26 +365,21 @@ def _build(program, axis_sizes, links, axis, base, compute_rate, labels, sig_ids
             inode = nodes[inode_key]
             matrix = once(("state", chain[v], inode_key), lambda: reshard_matrix(v, inode.strategies))
             _add_edge(edges, nodes, src, inode_key, matrix)
-            inode.memory += np.array([_bytes_per_device(v, lay, axis_sizes) for lay in inode.strategies])
+            inode.memory += np.array([bytes_per_device(v, lay, axis_sizes) for lay in inode.strategies])
             continue
         made = [layout_of(s) for s in range(len(nodes[src].strategies))]
         final = [spec if spec is not None else m.without_partial() for m in made]
         nodes[src].cost += np.array([rt(m, f, v) for m, f in zip(made, final)])
-        nodes[src].memory += np.array([_bytes_per_device(v, f, axis_sizes) for f in final])
+        nodes[src].memory += np.array([bytes_per_device(v, f, axis_sizes) for f in final])
     for v, key in node_of_input.items():
-        nodes[key].memory += np.array([_bytes_per_device(v, lay, axis_sizes) for lay in nodes[key].strategies])
+        nodes[key].memory += np.array([bytes_per_device(v, lay, axis_sizes) for lay in nodes[key].strategies])
     for v in residuals:
         # Activations kept for the backward pass live through the step: in the budget too.
         if v in node_of_value and v not in node_of_input:
             src, layout_of = node_of_value[v]
-            nodes[src].memory += np.array([_bytes_per_device(v, layout_of(k), axis_sizes)
+            nodes[src].memory += np.array([bytes_per_device(v, layout_of(k), axis_sizes)
                                            for k in range(len(nodes[src].strategies))])
-    return nodes, node_of_eqn, node_of_input, node_of_value, edges, pairs, deferred, region_inputs
-
-
-def _stacked(layout: Layout) -> Layout:
-    """A scan's stacked operand or result: the body's layout under an unsplit loop dim."""
-    return Layout(((),) + layout.dims)
+    return _Problem(nodes, node_of_eqn, node_of_input, node_of_value, edges, pairs, deferred, region_inputs)
 
 
 def _searchable_scan(e, closed) -> bool:
@@ -505,7 +399,7 @@ _UNREACHABLE_SECONDS = 10.0
 
 def _deferrable(program, passing) -> dict:
     """``{value: (consumer, operand index)}`` for top-level results with exactly one use, by an
-    equation that may read that operand partial (``passing``: ``_passing`` of each equation
+    equation that may read that operand partial (``passing``: ``partial_operand_sets`` of each equation
     that has any): their reduction can wait."""
     graph = program.graph
     uses = defaultdict(list)
@@ -524,28 +418,6 @@ def _deferrable(program, passing) -> dict:
             if any(i in ops for ops in passing.get(e, ())):
                 out[v] = (e, i)
     return out
-
-
-def _follower(fr, i, layout_of_operand, axis_sizes):
-    """``k -> (layout read, layout made)`` of a follower, from its root's strategy ``k``."""
-    cache = {}
-
-    def derive(k):
-        if k not in cache:
-            have = layout_of_operand(k).without_partial()
-            got = project(fr.operands[i], have, fr.sizes, axis_sizes)
-            assignment = tuple(got.get(f, ()) for f in range(len(fr.sizes)))
-            legal = _legalize(assignment, fr, axis_sizes, set())
-            s = legal[0] if legal else ((),) * len(fr.sizes)
-            read = project_back(s, fr.operands[i], fr.sizes, axis_sizes)
-            made = project_back(s, fr.results[0], fr.sizes, axis_sizes)
-            if read is None or made is None:
-                s = ((),) * len(fr.sizes)
-                read = project_back(s, fr.operands[i], fr.sizes, axis_sizes)
-                made = project_back(s, fr.results[0], fr.sizes, axis_sizes)
-            cache[k] = (Layout(read), Layout(made))
-        return cache[k]
-    return derive
 
 
 def _add_edge(edges, nodes, a, b, matrix):
@@ -633,7 +505,7 @@ def _solve(nodes, edges, memory_budget, time_limit):
                  else "report this program: without a budget every node has a feasible strategy"))
     choice = {k: int(np.argmax(result.x[offset[k]:offset[k] + len(nodes[k].strategies)])) for k in keys}
     memory = (sum(nodes[k].memory[choice[k]] for k in keys) if memory_budget is not None else None)
-    return choice, float(result.fun) / 1e6, result.message, len(pairs), n, memory
+    return _Solution(choice, float(result.fun) / 1e6, result.message, len(pairs), n, memory)
 
 
 # ------------------------------------------------------------------------ the pass
@@ -647,7 +519,7 @@ def run(program, memory_budget=None, time_limit=10.0, compute_rate=DEFAULT_POINT
         program.rules[eqn.index] = get_rule(eqn).factors(eqn)
     labels = _labels(program)
     sig_ids = _signature_ids(program)
-    passing = {e: ops for e in program.graph.eqns if (ops := _passing(e, program.rules[e.index]))}
+    passing = {e: ops for e in program.graph.eqns if (ops := partial_operand_sets(e, program.rules[e.index]))}
     context = (labels, sig_ids, passing, _deferrable(program, passing),
                loss_residuals(program.graph)[1] - set(program.graph.outvars))
     solve_limit = time_limit / (4 * max(1, len(axis_sizes)))
@@ -656,41 +528,39 @@ def run(program, memory_budget=None, time_limit=10.0, compute_rate=DEFAULT_POINT
     # product. Both axis orders are solved, then each axis again with the others fixed
     # (coordinate descent); every plan found is a candidate.
     orders = [list(axis_sizes)] + ([list(reversed(axis_sizes))] if len(axis_sizes) > 1 else [])
-    candidates, failures, stats = [], [], []
+    candidates: list[_Candidate] = []
+    failures, solutions = [], []
     for order in orders:
         base = {}
         try:
             for n, axis in enumerate(order):
-                built = _build(program, axis_sizes, links, axis, base, compute_rate, *context)
+                problem = _build(program, axis_sizes, links, axis, base, compute_rate, *context)
                 # The axes after this one can divide the memory further by at most their size.
                 later = math.prod(axis_sizes[a] for a in order[n + 1:])
                 budget = None if memory_budget is None else memory_budget * later
-                solved = _solve(built[0], built[4], budget, solve_limit)
-                base = {k: built[0][k].strategies[c] for k, c in solved[0].items()}
-                stats.append(solved[2:5])
+                solution = _solve(problem.nodes, problem.edges, budget, solve_limit)
+                base = problem.chosen(solution.choice)
+                solutions.append(solution)
         except NoFeasiblePlanError as e:
             failures.append(f"axes in order {order}: {e}")
             continue
-        candidates.append((order, built, solved, base))
+        candidates.append(_Candidate(order, problem, solution, base))
     if len(axis_sizes) > 1 and candidates:
-        order, built, solved, base = min(candidates, key=lambda c: c[2][1])
-        objective = solved[1]
-        for _ in range(1):
-            improved = False
-            for axis in order:
-                trial_base = {k: _without_axis(v, axis) for k, v in base.items()}
-                trial = _build(program, axis_sizes, links, axis, trial_base, compute_rate, *context)
-                try:
-                    t_solved = _solve(trial[0], trial[4], memory_budget, solve_limit)
-                except NoFeasiblePlanError:
-                    continue
-                stats.append(t_solved[2:5])
-                if t_solved[1] < objective * (1 - 1e-9):
-                    objective, base, improved = t_solved[1], {
-                        k: trial[0][k].strategies[c] for k, c in t_solved[0].items()}, True
-                    candidates.append((order, trial, t_solved, base))
-            if not improved:
-                break
+        # One round of coordinate descent from the better order: each axis searched again
+        # with the others fixed as chosen so far.
+        best = min(candidates, key=lambda c: c.solution.objective)
+        order, base, objective = best.order, best.base, best.solution.objective
+        for axis in order:
+            trial_base = {k: without_axis(v, axis) for k, v in base.items()}
+            problem = _build(program, axis_sizes, links, axis, trial_base, compute_rate, *context)
+            try:
+                solution = _solve(problem.nodes, problem.edges, memory_budget, solve_limit)
+            except NoFeasiblePlanError:
+                continue
+            solutions.append(solution)
+            if solution.objective < objective * (1 - 1e-9):
+                objective, base = solution.objective, problem.chosen(solution.choice)
+                candidates.append(_Candidate(order, problem, solution, base))
     if not candidates:
         within = f" within memory_budget={memory_budget:,} bytes per device" if memory_budget is not None else ""
         raise NoFeasiblePlanError(
@@ -699,21 +569,23 @@ def run(program, memory_budget=None, time_limit=10.0, compute_rate=DEFAULT_POINT
                 "larger mesh, or annotate fewer values")
     # The cheapest plan by the MILP's own objective (the cost of the executed plan, except
     # that insert_collectives may pass more partials on than the search priced).
-    order, built, solved, _ = min(candidates, key=lambda c: c[2][1])
-    costs = [(tuple(c[0]), c[2][1]) for c in candidates]
-    _materialize(program, built, solved[0], axis_sizes)
-    choice, objective, status, n_pairs, n_vars, memory = solved
+    best = min(candidates, key=lambda c: c.solution.objective)
+    _materialize(program, best.problem, best.solution.choice)
     program.search_compute_rate = compute_rate
     program.search = SearchStats(
-        nodes=len(built[0]), equations=len(built[1]), edges=max(s[1] for s in stats), axis_order=tuple(order),
-        variables=max(s[2] for s in stats), solve_seconds=time.perf_counter() - t0,
-        objective=objective, status=str(status), memory_bytes=memory, candidates=tuple(costs))
+        nodes=len(best.problem.nodes), equations=len(best.problem.node_of_eqn),
+        edges=max(s.pairs for s in solutions), axis_order=tuple(best.order),
+        variables=max(s.variables for s in solutions), solve_seconds=time.perf_counter() - t0,
+        objective=best.solution.objective, status=str(best.solution.status), memory_bytes=best.solution.memory,
+        candidates=tuple((tuple(c.order), c.solution.objective) for c in candidates))
     return program
 
 
-def _materialize(program, built, choice, axis_sizes):
+def _materialize(program, problem: _Problem, choice: dict):
     """Write the chosen plan into the program: layouts (pinned), provenance, strategies."""
-    nodes, node_of_eqn, node_of_input, node_of_value, edges, pairs, deferred, region_inputs = built
+    nodes, node_of_value, node_of_input = problem.nodes, problem.node_of_value, problem.node_of_input
+    node_of_eqn, region_inputs, pairs = problem.node_of_eqn, problem.region_inputs, problem.pairs
+    deferred = problem.deferred
     producer = {o: e for e in program.graph.all_eqns() for o in e.outvars}
     # A deferred result stays open: insert_collectives reduces it at its consumer, or passes
     # it on where the consumer's strategy reads it partial, as the search priced it.
@@ -734,110 +606,12 @@ def _materialize(program, built, choice, axis_sizes):
         else:
             e = producer[v]
             detail = (f"layout search (MILP): {e.prim.name} at {e.source} "
-                      + (f"takes strategy {_strategy_text(program.rules[e.index], nodes[key].strategies[choice[key]])} "
+                      + (f"takes strategy {strategy_text(program.rules[e.index], nodes[key].strategies[choice[key]])} "
                          f"among {n}" if e in node_of_eqn else "follows its operand's chosen layout"))
         program.provenance[v] = Provenance("auto", detail)
     for e, key in node_of_eqn.items():
         if not e.subgraphs:
-            program.auto_assignments[e.index] = _assignment(nodes[key].strategies[choice[key]])
+            program.auto_assignments[e.index] = assignment_of(nodes[key].strategies[choice[key]])
     for k, w in enumerate(program.graph.outvars):
         if program.out_specs[k] is None and pairs.get(w) in node_of_input:
             program.out_specs[k] = program.layouts[pairs[w]]
-
-
-def _strategy_text(fr, s) -> str:
-    parts = [f"factor {f} ({fr.kinds[f]}, {fr.sizes[f]}) over {','.join(ax)}"
-             for f, ax in enumerate(_assignment(s)) if ax]
-    if isinstance(s, PassPartial):
-        parts.append(f"operands {','.join(map(str, s.operands))} passed on partial over {','.join(s.axes)}")
-    return "; ".join(parts) if parts else "nothing split"
-
-
-def estimated_step_seconds(program, compute_rate=DEFAULT_POINTS_PER_SECOND) -> dict:
-    """The search's cost model applied to any placed program (auto or annotated): per-device
-    compute (``points / compute_rate``) plus the alpha-beta time of every planned collective
-    (latency in full). Compares plans on one scale: ``{"compute_s", "comm_s", "total_s"}``."""
-    sizes = program.axis_sizes
-    trips = trip_counts(program.graph)
-    compute = sum(trips.get(e, 1) * assignment_points(program.rules[e.index].sizes, program.assignments[e.index], sizes)
-                  for e in program.graph.all_eqns() if e.index in program.assignments
-                  and not e.subgraphs)
-    links = {a: program.mesh.link(a) for a in program.mesh.axis_names}
-    comm = 0.0
-    for r in program.reshards:
-        for t in r.transforms:
-            if t.is_collective:
-                comm += trips.get(r.value, 1) * transform_time(t, np.dtype(r.value.dtype).itemsize, sizes, links)
-    return {"compute_s": compute / compute_rate, "comm_s": comm, "total_s": compute / compute_rate + comm}
-
-
-def describe_layers(program) -> dict[str, str]:
-    """The chosen strategy per layer in words, read off the matmuls that use parameters:
-    ``{"blocks.0.attn": "Megatron tensor parallel over model (column q,k,v; row out); batch
-    over data"}``. A parameter is a program input with a module path (``params['blocks']...``);
-    inside a scan over layers, the body input its stacked slice arrives as."""
-    from ..compiler.report import layer_of, module_path
-    graph = program.graph
-    param = {v: module_path(p) for v, p in zip(graph.invars, program.in_paths)
-             if module_path(p) and jax.dtypes.issubdtype(np.dtype(v.dtype), np.floating)
-             and not re.search(r"\.(mu|nu|count)\b|\[\d+\]\.", p)}
-    stored_as = {v: program.layouts[v] for v in param}
-    for e in graph.all_eqns():
-        if e.prim.name == "scan":
-            (body,) = e.subgraphs
-            first_xs = e.params["num_consts"] + e.params["num_carry"]
-            for i, (outer, inner) in enumerate(zip(e.invars, body.invars)):
-                if outer in param:
-                    param[inner] = param[outer]
-                    lay = stored_as[outer]
-                    stored_as[inner] = Layout(lay.dims[1:]) if i >= first_xs else lay
-    phrases: dict = defaultdict(list)
-    seen = set()
-    for e in graph.all_eqns():
-        if e.prim.name != "dot_general" or e.index not in program.assignments:
-            continue
-        fr, s = program.rules[e.index], program.assignments[e.index]
-        for i, v in enumerate(e.invars):
-            if v not in param or param[v] in seen:
-                continue
-            seen.add(param[v])          # its first use: the forward pass
-            mp = param[v]
-            phrases.setdefault(layer_of(mp), [])
-            name = mp.rsplit(".", 1)[-1]
-            mine = {f for d in fr.operands[i] for f in d}
-            other = {f for d in fr.operands[1 - i] for f in d}
-            for f, axes in enumerate(s):
-                for a in axes:
-                    if fr.kinds[f] == FactorKind.SUM:
-                        phrases[layer_of(mp)].append(("row", a, name))
-                    elif f in mine and f in other:     # a batch dim of the weight: experts
-                        phrases[layer_of(mp)].append(("expert", a, name))
-                    elif f in mine:
-                        phrases[layer_of(mp)].append(("column", a, name))
-                    elif f in other:
-                        phrases[layer_of(mp)].append(("batch", a, name))
-            stored = stored_as[v]
-            read = program.operand_layouts.get((e.index, i))
-            for a in {a for d in stored.dims for a in d} - {a for d in (read.dims if read else ()) for a in d}:
-                phrases[layer_of(mp)].append(("stored", a, name))
-    out = {}
-    for layer, items in phrases.items():
-        words = []
-        by = lambda kind: sorted({(a, n) for k, a, n in items if k == kind})
-        cols, rows = by("column"), by("row")
-        for a in sorted({a for a, _ in cols} & {a for a, _ in rows}):
-            words.append(f"Megatron tensor parallel over {a} (column {','.join(n for b, n in cols if b == a)}; "
-                         f"row {','.join(n for b, n in rows if b == a)})")
-        for a in sorted({a for a, _ in cols} - {a for a, _ in rows}):
-            words.append(f"column-parallel over {a} ({','.join(n for b, n in cols if b == a)})")
-        for a in sorted({a for a, _ in rows} - {a for a, _ in cols}):
-            words.append(f"row-parallel over {a} ({','.join(n for b, n in rows if b == a)})")
-        for a in sorted({a for a, _ in by("expert")}):
-            words.append(f"expert parallel over {a} ({','.join(n for b, n in by('expert') if b == a)} "
-                         f"split on their expert dim)")
-        for a in sorted({a for a, _ in by("batch")}):
-            words.append(f"batch over {a}")
-        for a in sorted({a for a, _ in by("stored")}):
-            words.append(f"parameters stored split over {a}, gathered for use (ZeRO-3)")
-        out[layer] = "; ".join(words) if words else "replicated: every device computes the whole layer"
-    return out

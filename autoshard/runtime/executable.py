@@ -30,10 +30,12 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 
-from ..compiler import ir, pipeline
+from ..compiler import ir
 from ..compiler.mesh import MeshInfo
 from ..compiler.ops.control_flow import drop_dead_loop_inputs
 from ..errors import PlanningOnlyError, ReshardWarning, RetraceWarning, ShardingError, SpecError
+from ..passes import pipeline
+from ..report import ShardingReport
 from .lower import lower_abstract, lower_to_jit
 
 #: Warn (``RetraceWarning``) when one ParallelFunction has traced more than this many programs.
@@ -322,8 +324,20 @@ class ParallelFunction:
         return set(self.mesh.devices.flat)
 
     def report(self, *args):
-        from ..compiler.report import ShardingReport
-        return ShardingReport(self._compile(args).program, self)
+        """The ``ShardingReport`` of the plan for these inputs. The report imports nothing of
+        the runtime: it is handed the compile step, the mesh and this function's file."""
+        entry = self._compile(args)
+        source = getattr(getattr(self.fun, "__code__", None), "co_filename", None)
+        return ShardingReport(entry.program, compile=functools.partial(self._xla_executable, entry),
+                              mesh=self.mesh, source_files=(source,) if source else ())
+
+    @staticmethod
+    def _xla_executable(entry):
+        """XLA's executable of a cached plan, compiled from its abstract inputs."""
+        if entry.jitted is None:
+            raise PlanningOnlyError("XLA's memory analysis needs a concrete mesh: parallelize on "
+                                    "autoshard.make_mesh(...) rather than abstract_mesh(...)")
+        return entry.jitted.lower(*_placed_avals(entry)).compile()
 
     def lower(self, *args, lowering_platforms=None):
         """``jax.stages.Lowered`` of the per-device program (``.as_text()``: StableHLO,
@@ -335,8 +349,7 @@ class ParallelFunction:
             donate = tuple(j for j, leaf_arg in enumerate(self._leaf_arg_index(args, entry.in_tree))
                            if leaf_arg in self.donate_argnums)
             return lower_abstract(entry.program, self.mesh, entry.avals, donate, lowering_platforms)
-        avals = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
-                 for a, s in zip(entry.avals, entry.in_shardings)]
+        avals = _placed_avals(entry)
         if lowering_platforms is not None:
             return entry.jitted.trace(*avals).lower(lowering_platforms=tuple(lowering_platforms))
         return entry.jitted.lower(*avals)
@@ -354,6 +367,11 @@ class ParallelFunction:
     def output_shardings(self, *args):
         entry = self._compile(args)
         return jax.tree.unflatten(entry.out_tree, list(entry.out_shardings))
+
+
+def _placed_avals(entry) -> list:
+    """The abstract inputs of a cached plan, each with the sharding it is placed in."""
+    return [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s) for a, s in zip(entry.avals, entry.in_shardings)]
 
 
 def _from_host(value, sharding):

@@ -20,8 +20,8 @@ from ..compiler.kinds import REDUCTION_KINDS
 from ..compiler.layout import Layout
 from ..compiler.ops import get_rule, local_context, reduction_identity
 from ..compiler.ops.control_flow import lower_region
+from ..compiler import collectives
 from ..compiler.planner import plan
-from . import collectives
 
 
 def local_function(program):

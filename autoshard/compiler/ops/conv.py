@@ -55,6 +55,7 @@ import numpy as np
 from jax import lax
 
 from . import FactorBuilder, extreme_value, register
+from .. import collectives
 from ..kinds import FactorKind, PartialMode
 from ..planner import Transform
 
@@ -194,7 +195,6 @@ def _n(h, sizes):
 def _extend(x, halos, sizes, fill=None):
     """Each device's rows plus halos, sliced to what its windows read. Rows outside the
     dim read ``fill`` (zeros when None: what devices with no neighbour receive)."""
-    from ...runtime import collectives
     for h in halos:
         # The padding rows of an uneven split hold anything: they must read as ``fill`` too.
         f = 0 if fill is None and h.size != h.block * _n(h, sizes) else fill
@@ -205,7 +205,6 @@ def _extend(x, halos, sizes, fill=None):
 
 def _give_back(y, halos, sizes):
     """Transpose of ``_extend``: halo rows of ``y`` are added into their owners' blocks."""
-    from ...runtime import collectives
     for h in reversed(halos):
         y = collectives.dynamic_place(y, h.dim, h.axes, sizes, h.start, h.step, h.end - h.first)
         y = collectives.window_return(y, h.dim, h.axes, sizes, h.block, h.first, h.end)
@@ -228,7 +227,6 @@ class HaloTransform(Transform):
 def _transforms(halos, sizes, what, tag=(), fill=None):
     """``(Transform, reason)`` per collective-permute ``_extend`` runs. ``fill`` names the
     value rows beyond the ends get (it changes the rows a later dim's exchange moves)."""
-    from ...runtime import collectives
     out = []
     for j, h in enumerate(halos):
         for k, start, stop, pairs, moved in collectives.window_pieces(h.axes, sizes, h.block, h.first, h.end):
@@ -511,7 +509,6 @@ def _scatter_windows(eqn):
 
 
 def _lower_scatter(eqn, ctx, args):
-    from ...runtime import collectives
     source, operand = args
     windows = _scatter_windows(eqn)
     halos = _window_halos(windows, ctx, 1)

@@ -26,6 +26,7 @@ from jax import lax
 from jax.lax import GatherScatterMode
 
 from . import FactorBuilder, register
+from .. import collectives
 from ..kinds import FactorKind, PartialMode
 
 
@@ -38,7 +39,6 @@ def _one_indexed_dim(dims_of_index, collapsed_or_inserted, operand_batching, ind
 
 
 def _block_offset(layout, dim, local, axis_sizes):
-    from ...runtime import collectives
     return collectives.block_index(layout.dims[dim], axis_sizes) * local
 
 
@@ -118,7 +118,6 @@ def _lower_gather(eqn, ctx, args):
     out = jnp.where(mask, out, jnp.zeros((), out.dtype))
     if mode == GatherScatterMode.FILL_OR_DROP:
         # An id outside the whole table reads the fill value on one device (zeros elsewhere).
-        from ...runtime import collectives
         outside = ((ids < 0) | (ids >= size))[..., 0]
         for od in sorted(dn.offset_dims):
             outside = jnp.expand_dims(outside, od)

@@ -21,6 +21,7 @@ from jax import lax
 
 from . import FactorBuilder, register
 from .elementwise import elementwise_factors
+from .. import collectives
 from ..kinds import FactorKind
 
 for _name in ("random_seed", "random_fold_in", "threefry2x32"):
@@ -76,7 +77,6 @@ def _partitionable(eqn) -> bool:
 
 def _lower_random_bits(eqn, ctx, args):
     from jax._src.random.threefry2x32 import threefry2x32_p   # jax is pinned exactly
-    from ...runtime import collectives
     (key,) = args
     shape, bits = eqn.params["shape"], eqn.params["bit_width"]
     layout, local = ctx.out_layouts[0], ctx.out_shapes[0]

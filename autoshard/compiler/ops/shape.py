@@ -18,6 +18,7 @@ import math
 from jax import lax
 
 from . import FactorBuilder, register
+from .. import collectives
 from ..kinds import FactorKind, PartialMode
 
 
@@ -120,7 +121,6 @@ def rev_factors(eqn):
 
 # -- iota ---------------------------------------------------------------------------------
 def _lower_iota(eqn, ctx, args):
-    from ...runtime import collectives
     p = eqn.params
     local = tuple(ctx.out_shapes[0])
     dim = p["dimension"]

@@ -20,7 +20,10 @@ import math
 
 import numpy as np
 
-from .layout import Layout
+from ..compiler.layout import Layout
+from ..compiler.naming import path_tokens
+from .fmt import fmt_bytes, fmt_time
+from .memory import memory_rows
 
 N_LARGEST = 12          # grids for the largest intermediates
 N_COSTLIEST = 8         # src/dst grids for the values of the costliest collectives
@@ -109,22 +112,12 @@ def _e(x) -> str:
     return html.escape(str(x), quote=True)
 
 
-def _fmt_bytes(n: float) -> str:
-    from .report import _fmt_bytes as f
-    return f(n)
-
-
-def _fmt_time(t: float) -> str:
-    from .report import _fmt_time as f
-    return f(t)
-
-
 # ----------------------------------------------------------------------------- grids
 
 def _device_labels(report) -> list[str]:
     """Device ids in mesh order (positions for an abstract mesh)."""
     n = math.prod(report.mesh_shape.values())
-    mesh = getattr(report._pf, "mesh", None)
+    mesh = report.mesh
     try:
         devices = getattr(mesh, "devices", None)
     except ValueError:                  # AbstractMesh: no devices
@@ -246,9 +239,9 @@ def _grid_html(report, shape, layout: Layout, labels) -> str:
 
 
 def _card(report, name, v, layout, labels, note="") -> str:
-    b = report._local_bytes(v, layout)
-    meta = (f"{np.dtype(v.dtype).name}{list(v.shape)} &middot; {_e(report._sbp(layout))} &middot; "
-            f"{_e(_fmt_bytes(b))} per device{(' &middot; ' + _e(note)) if note else ''}")
+    b = report.context.local_bytes(v, layout)
+    meta = (f"{np.dtype(v.dtype).name}{list(v.shape)} &middot; {_e(report.context.sbp(layout))} &middot; "
+            f"{_e(fmt_bytes(b))} per device{(' &middot; ' + _e(note)) if note else ''}")
     return (f"<div class='card' data-name='{_e(name)}'><div class='name'>{_e(name)}</div><div class='meta'>{meta}</div>"
             f"{_grid_html(report, v.shape, layout, labels)}</div>")
 
@@ -260,7 +253,7 @@ def _bars(title, items) -> str:
     top = max((b for _, b in items), default=0) or 1
     rows = "".join(
         f"<div class='bar'><span class='k' title='{_e(k)}'>{_e(k or '-')}</span>"
-        f"<span class='b' style='width:{max(2, int(220 * b / top))}px'></span><span>{_e(_fmt_bytes(b))}</span></div>"
+        f"<span class='b' style='width:{max(2, int(220 * b / top))}px'></span><span>{_e(fmt_bytes(b))}</span></div>"
         for k, b in items) or "<div class='muted'>no collectives</div>"
     return f"<div><h3 style='font-size:14px;margin:6px 0'>{_e(title)}</h3>{rows}</div>"
 
@@ -286,7 +279,6 @@ def _collectives_table(report) -> str:
 
 
 def _memory_table(mem) -> str:
-    from .report import memory_rows
     xla = mem.get("xla") or {}
     rows = memory_rows(mem)
     body = "".join(f"<tr><td>{_e(w)}</td><td class='num'>{e}</td><td class='num'>{'' if x is None else x}</td></tr>"
@@ -307,8 +299,8 @@ def _equations(report) -> str:
             f"<tr><td class='num'>{r.index}</td><td>{_e(r.op)}</td><td>{_e(' '.join(r.operands))}</td>"
             f"<td>{_e(' '.join(r.results))}</td><td>{_e(' '.join(r.result_names))}</td><td>{_e(r.layer)}</td></tr>"
             for r in (by_index[i] for i in g["equations"]))
-        coll = f", {g['collectives']} collective(s), {_fmt_bytes(g['wire_bytes'])} on the wire" if g["collectives"] else ""
-        code = report._code(g["source"])
+        coll = f", {g['collectives']} collective(s), {fmt_bytes(g['wire_bytes'])} on the wire" if g["collectives"] else ""
+        code = report.source_lines.code(g["source"])
         out.append(f"<details class='src'><summary>{_e(g['source'])} &mdash; {len(g['equations'])} eqns{_e(coll)}"
                    f"{(' &mdash; ' + _e(', '.join(g['layers'][:4]))) if g['layers'] else ''}</summary>"
                    f"{('<pre>' + _e(code) + '</pre>') if code else ''}"
@@ -326,9 +318,9 @@ def render(report) -> str:
     # Summary.
     stats = [("mesh", " x ".join(f"{a}={s}" for a, s in report.mesh_shape.items())),
              ("equations", len(report.equations)), ("collectives", len(report.collectives)),
-             ("wire bytes / step / device", _fmt_bytes(report.total_wire_bytes)),
-             ("est. comm. time / step", _fmt_time(report.total_time_s)),
-             ("arguments / device", _fmt_bytes(d_mem["arguments"])),
+             ("wire bytes / step / device", fmt_bytes(report.total_wire_bytes)),
+             ("est. comm. time / step", fmt_time(report.total_time_s)),
+             ("arguments / device", fmt_bytes(d_mem["arguments"])),
              ("warnings", len(report.warnings))]
     cards = "".join(f"<div class='stat'><b>{_e(v)}</b><span>{_e(k)}</span></div>" for k, v in stats)
     links = "; ".join(f"{a}: {l.latency_s * 1e6:g} us latency, {l.bandwidth_bytes_per_s / 1e9:g} GB/s"
@@ -348,20 +340,19 @@ def render(report) -> str:
                      for v, path in zip(p.graph.invars, p.in_paths))
     # Outputs that mirror an input (same pytree keys, shape and layout: updated parameters and
     # optimizer state) are not drawn again.
-    from .report import _tokens
-    seen_in = {(tuple(_tokens(path)), tuple(v.shape), p.layouts[v]) for v, path in zip(p.graph.invars, p.in_paths)}
+    seen_in = {(tuple(path_tokens(path)), tuple(v.shape), p.layouts[v]) for v, path in zip(p.graph.invars, p.in_paths)}
     drawn = [(v, path, lay) for v, path, lay in zip(p.graph.outvars, p.out_paths, p.out_layouts)
-             if (tuple(_tokens(path)), tuple(v.shape), lay) not in seen_in]
+             if (tuple(path_tokens(path)), tuple(v.shape), lay) not in seen_in]
     outputs = "".join(_card(report, path, v, lay, labels) for v, path, lay in drawn)
     if len(drawn) < len(p.graph.outvars):
         outputs += (f"<p class='muted'>{len(p.graph.outvars) - len(drawn)} outputs with the same keys, shape and "
                     f"layout as an input (updated parameters, optimizer state) are drawn with the inputs.</p>")
-    inter = [(report._local_bytes(o, p.final_layout(o)), o) for e in report._eqns for o in e.outvars
+    inter = [(report.context.local_bytes(o, p.final_layout(o)), o) for e in report.context.eqns for o in e.outvars
              if o not in set(p.graph.outvars)]
     inter.sort(key=lambda t: -t[0])
     largest = [o for _, o in inter[:N_LARGEST]]
     largest_html = "".join(_card(report, report.name_of(o), o, p.final_layout(o), labels,
-                                 f"made at {report._made_at(o)}") for o in largest)
+                                 f"made at {report.context.made_at(o)}") for o in largest)
     # The costliest reshards, identical (shape, src, dst) transitions drawn once with a count.
     wire_of: dict = {}
     for c in report.collectives:
@@ -377,10 +368,10 @@ def render(report) -> str:
         g["names"].append(report.name_of(r.value))
     costly = sorted(kinds_of.values(), key=lambda g: -g["wire"])[:N_COSTLIEST]
     moved = "".join(
-        f"<div class='card' style='width:auto'><div class='name'>{_e(report._sbp(g['r'].src))} &rarr; "
-        f"{_e(report._sbp(g['r'].dst))} on {_e(np.dtype(g['r'].value.dtype).name)}{_e(list(g['r'].value.shape))}"
+        f"<div class='card' style='width:auto'><div class='name'>{_e(report.context.sbp(g['r'].src))} &rarr; "
+        f"{_e(report.context.sbp(g['r'].dst))} on {_e(np.dtype(g['r'].value.dtype).name)}{_e(list(g['r'].value.shape))}"
         f"</div><div class='meta'>{g['n']}x "
-        f"{_e(' + '.join(t.kind for t in g['r'].transforms if t.is_collective))}, {_e(_fmt_bytes(g['wire']))} on "
+        f"{_e(' + '.join(t.kind for t in g['r'].transforms if t.is_collective))}, {_e(fmt_bytes(g['wire']))} on "
         f"the wire in all; values {_e(', '.join(g['names'][:6]))}{' ...' if g['n'] > 6 else ''} "
         f"(first: for {_e(g['r'].consumer)})</div>"
         f"<div class='pair'>{_grid_html(report, g['r'].value.shape, g['r'].src, labels)}"
@@ -415,9 +406,9 @@ def render(report) -> str:
             hlo = report.hlo_collectives()
             hlo_total = sum(c.wire_bytes for c in hlo)
             same = abs(hlo_total - report.total_wire_bytes) < 1e-6
-            hlo_note = (f"<p>Compiled HLO: {len(hlo)} collectives, {_e(_fmt_bytes(hlo_total))} on the wire per device "
+            hlo_note = (f"<p>Compiled HLO: {len(hlo)} collectives, {_e(fmt_bytes(hlo_total))} on the wire per device "
                         f"&mdash; {'equal to' if same else '<b>different from</b>'} the plan's "
-                        f"{_e(_fmt_bytes(report.total_wire_bytes))}.</p>")
+                        f"{_e(fmt_bytes(report.total_wire_bytes))}.</p>")
         except Exception:     # noqa: BLE001 - the page still renders without the comparison
             hlo_note = ""
 

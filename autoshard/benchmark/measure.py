@@ -1,57 +1,15 @@
-"""``autoshard bench``: autoshard against XLA's own propagation and the analytic optimum.
+"""The benchmark's measurements: one (model, mesh, strategy) compiled under autoshard and under
+``jax.jit``, pass time against program size, auto=True against the presets, and the checks
+``RESULTS.md`` lists (see the package docstring for what is measured and the analytic
+formulas).
 
-One row per (model, mesh, strategy). Both programs get the same annotations: the preset's
-parameter and batch specs. autoshard receives them as ``in_specs``; the baseline is
-``jax.jit`` with them as ``NamedSharding`` ``in_shardings`` (XLA/Shardy propagation decides
-everything else). The optimizer state is not annotated by the presets; both programs get the
-layout autoshard infers for it, which is its parameter's layout (what a user of ``jax.jit``
-writes by hand), so they start from the same per-device state.
-
-Measured per program, from the compiled executable (never from wall time alone):
-
-* ``wire``: bytes each device sends per step, summed over the collectives parsed from the
-  compiled HLO (``runtime/hlo.py``) with the ring formulas of ``compiler/cost_model.py``;
-* collective counts by kind;
-* per-device memory from ``memory_analysis()``: arguments + outputs + temporaries - aliased;
-* per-device flops from ``cost_analysis()``;
-* autoshard's pass time (trace to lowered StableHLO), XLA's compile time, and the median step
-  time over a few steps (noise on the shared-core CPU machine; a ratio at best).
-
-The analytic minimum (``min``) is the fewest bytes per device and step that the strategy
-itself requires, in the same ring model. With ``N`` the bytes of all parameters, ``s`` a
-scalar's 4 bytes, ``n_d`` / ``n_m`` the sizes of the ``data`` / ``model`` axes, ``A`` the
-bytes of one layer's activation ``[B/n_d, T, D]`` (``[B/n_d, D]`` for the MLP) and ``L``
-layers:
-
-* ``dp``:     ``2 (n_d-1)/n_d (N + s)``: one all-reduce of every gradient and of the loss;
-* ``fsdp``:   ``2 (n_d-1)/n_d (N + s)``: all-gather every parameter once ((n_d-1)/n_d N,
-  kept for the backward pass inside one step) and reduce-scatter its gradient
-  ((n_d-1)/n_d N); parameters with no divisible dim are all-reduced (the same 2 (n_d-1)/n_d);
-* ``tp``:     ``2 (n_m-1)/n_m R A``: Megatron all-reduces ``R`` activations (the batch is not
-  split, ``n_d`` is idle): GPT ``R = 4 L``, after attention and after the MLP and their input
-  gradients; the MLP ``R = 2 L - 1``, as the first block's input gradient is not needed.
-  Replicated parameters see whole activations, so their gradients need nothing;
-* ``dp_tp``:  the tp term over ``model`` plus ``2 (n_d-1)/n_d (N_rep + N_split/n_m + s)`` over
-  ``data``: gradients of replicated and of model-split parameters, and the loss;
-* ``sp``:     as dp_tp, plus ``2 (n_m-1)/n_m N_seq`` for the gradients of the replicated
-  parameters that see sequence shards (layernorms, embeddings, head, row-parallel biases), and
-  the loss reduced over both axes; the tp term is the same bytes moved as all-gathers and
-  reduce-scatters instead of all-reduces.
-
-These are the bytes of the strategy as written (ZeRO-3 for fsdp). autoshard may go below them
-where moving activations is cheaper than moving weights (the MLP under fsdp all-to-alls its
-small activations instead of gathering its kernels); it must never go above them for GPT.
-Models other than GPT and the MLP (MoE, CNN) get the dp / fsdp minimum only; their other rows
-print ``-``. Collectives inside loops are counted once per instruction, so the benchmark uses
-unrolled layers.
+>>> row = measure("gpt", {"data": 8}, "dp", repeats=0)                 # doctest: +SKIP
+>>> row.ours.wire_bytes <= row.jit.wire_bytes, row.analytic_bytes        # doctest: +SKIP
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import math
-import platform
 import statistics
 import time
 from collections import Counter, defaultdict
@@ -61,7 +19,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from .compiler.cost_model import KINDS, wire_bytes
+from ..compiler.cost_model import wire_bytes
 
 #: Small configurations: big enough that activations and parameters are not dwarfed by
 #: scalars, small enough that two compiles per row take seconds on two cores.
@@ -78,7 +36,7 @@ MESHES = ("8", "2x4")
 def mesh_axes(mesh_kind: str, strategy: str) -> dict[str, int] | None:
     """The mesh of shape ``mesh_kind`` (``"8"`` or ``"2x4"``) with the axis names ``strategy``
     uses, or None where the strategy needs two axes and the mesh has one."""
-    from .models.presets import DATA_AXIS, EXPERT_AXIS, MODEL_AXIS, required_axes
+    from ..models.presets import DATA_AXIS, EXPERT_AXIS, MODEL_AXIS, required_axes
     need = required_axes(strategy)
     second = EXPERT_AXIS if strategy == "ep" else MODEL_AXIS
     if mesh_kind == "8":
@@ -126,7 +84,8 @@ def _nbytes(tree) -> int:
 
 def analytic_min_bytes(model: str, cfg: Any, batch: int, strategy: str, mesh: dict,
                        params: dict, param_specs: dict) -> float | None:
-    """The formulas of the module docstring; None where none is given for the pair."""
+    """The formulas of the package docstring (``autoshard/benchmark/__init__.py``); None where
+    none is given for the pair."""
     scalar = 4.0
     n_d, n_m = mesh.get("data", 1), mesh.get("model", 1)
     total = float(_nbytes(params))
@@ -161,7 +120,7 @@ def analytic_min_bytes(model: str, cfg: Any, batch: int, strategy: str, mesh: di
 # ----------------------------------------------------------------------------- measuring
 
 def _compiled_numbers(compiled, mesh, compile_s: float, run, repeats: int) -> Measured:
-    from .runtime.hlo import parse_collectives
+    from ..report.hlo import parse_collectives
     hlo = parse_collectives(compiled.as_text(), mesh, strict=False)
     mem = compiled.memory_analysis()
     memory = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
@@ -199,8 +158,8 @@ def measure(model: str, mesh_shape: dict, strategy: str, *, config: dict | None 
             batch_size: int | None = None, repeats: int = 5) -> Row:
     """Compile one (model, mesh, strategy) under autoshard and under ``jax.jit``; measure both
     (``repeats=0`` skips the step timing)."""
-    from . import make_mesh, parallelize
-    from .models import get_model, presets
+    from .. import make_mesh, parallelize
+    from ..models import get_model, presets
 
     n = math.prod(mesh_shape.values())
     mesh = make_mesh(mesh_shape, devices=jax.devices()[:n])
@@ -250,7 +209,7 @@ def measure(model: str, mesh_shape: dict, strategy: str, *, config: dict | None 
 
 def rows_to_measure(models=None, meshes=MESHES, strategies=None):
     """(model, mesh shape, strategy) for every pair that applies on each mesh."""
-    from .models import MODEL_NAMES, presets
+    from ..models import MODEL_NAMES, presets
     for model in models or MODEL_NAMES:
         for mesh_kind in meshes:
             for strategy in presets.strategies(model):
@@ -259,84 +218,6 @@ def rows_to_measure(models=None, meshes=MESHES, strategies=None):
                 shape = mesh_axes(mesh_kind, strategy)
                 if shape is not None:
                     yield model, shape, strategy
-
-
-# ----------------------------------------------------------------------------- tables
-
-CSV_FIELDS = ("model", "mesh", "strategy",
-              "wire_bytes", "jit_wire_bytes", "analytic_min_bytes",
-              "counts", "jit_counts",
-              "memory_bytes", "jit_memory_bytes", "argument_bytes", "temp_bytes", "state_bytes",
-              "flops", "jit_flops",
-              "pass_s", "compile_s", "jit_compile_s", "step_s", "jit_step_s", "note")
-
-
-def _counts_text(counts: Counter) -> str:
-    short = {"all-reduce": "AR", "all-gather": "AG", "reduce-scatter": "RS",
-             "all-to-all": "A2A", "collective-permute": "CP"}
-    return " ".join(f"{counts[k]}{short[k]}" for k in KINDS if counts.get(k)) or "none"
-
-
-def row_record(row: Row) -> dict:
-    return {
-        "model": row.model, "mesh": row.mesh_text, "strategy": row.strategy,
-        "wire_bytes": round(row.ours.wire_bytes), "jit_wire_bytes": round(row.jit.wire_bytes),
-        "analytic_min_bytes": "" if row.analytic_bytes is None else round(row.analytic_bytes),
-        "counts": _counts_text(row.ours.counts), "jit_counts": _counts_text(row.jit.counts),
-        "memory_bytes": row.ours.memory_bytes, "jit_memory_bytes": row.jit.memory_bytes,
-        "argument_bytes": row.ours.argument_bytes, "temp_bytes": row.ours.temp_bytes,
-        "state_bytes": row.state_bytes,
-        "flops": round(row.ours.flops), "jit_flops": round(row.jit.flops),
-        "pass_s": f"{row.pass_s:.3f}", "compile_s": f"{row.ours.compile_s:.3f}",
-        "jit_compile_s": f"{row.jit.compile_s:.3f}",
-        "step_s": f"{row.ours.step_s:.5f}", "jit_step_s": f"{row.jit.step_s:.5f}",
-        "note": row.note,
-    }
-
-
-def write_csv(rows: list[Row]) -> str:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow(row_record(row))
-    return out.getvalue()
-
-
-def _kib(x: float) -> str:
-    return f"{x / 1024:,.1f}"
-
-
-def _ratio(a: float, b: float) -> str:
-    if b == 0:
-        return "=" if a == 0 else "inf"
-    return f"{a / b:.3f}"
-
-
-def markdown_table(rows: list[Row]) -> str:
-    head = ("| model | mesh | strategy | wire KiB | jit wire KiB | min KiB | ours/jit | ours/min "
-            "| collectives | jit collectives | mem KiB | jit mem KiB | GFLOP | jit GFLOP "
-            "| pass s | compile s | jit compile s | step ms | jit step ms | note |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in rows:
-        lines.append(
-            f"| {r.model} | {r.mesh_text} | {r.strategy} | {_kib(r.ours.wire_bytes)} "
-            f"| {_kib(r.jit.wire_bytes)} | {'-' if r.analytic_bytes is None else _kib(r.analytic_bytes)} "
-            f"| {_ratio(r.ours.wire_bytes, r.jit.wire_bytes)} "
-            f"| {'-' if r.analytic_bytes is None else _ratio(r.ours.wire_bytes, r.analytic_bytes)} "
-            f"| {_counts_text(r.ours.counts)} | {_counts_text(r.jit.counts)} "
-            f"| {_kib(r.ours.memory_bytes)} | {_kib(r.jit.memory_bytes)} "
-            f"| {r.ours.flops / 1e9:.4f} | {r.jit.flops / 1e9:.4f} "
-            f"| {r.pass_s:.2f} | {r.ours.compile_s:.2f} | {r.jit.compile_s:.2f} "
-            f"| {r.ours.step_s * 1e3:.2f} | {r.jit.step_s * 1e3:.2f} | {r.note} |")
-    return "\n".join(lines)
-
-
-def machine_line() -> str:
-    devices = jax.devices()
-    return (f"{platform.node() or 'host'}: {platform.processor() or platform.machine()}, "
-            f"{__import__('os').cpu_count()} cores, Python {platform.python_version()}, "
-            f"jax {jax.__version__}, {len(devices)} {devices[0].platform} devices")
 
 
 # ----------------------------------------------------------------------------- scaling
@@ -361,9 +242,9 @@ def scaling_point(layers: int, mesh_shape: dict, strategy: str = "dp_tp",
         fastest = lambda attr: min(getattr(p, attr) for p in points)
         return ScalingPoint(layers, points[0].equations, fastest("front_end_s"), fastest("passes_s"),
                             fastest("trace_s"), fastest("compile_s") if compile_too else None)
-    from . import make_mesh, parallelize
-    from .compiler import factors
-    from .models import get_model, presets
+    from .. import make_mesh, parallelize
+    from ..compiler import factors
+    from ..models import get_model, presets
     factors.clear_caches()
     n = math.prod(mesh_shape.values())
     mesh = make_mesh(mesh_shape, devices=jax.devices()[:n])
@@ -469,8 +350,8 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 def single_device_row(layers: int = 12) -> dict:
     """The GPT step on one device: autoshard on a 1-device mesh against plain ``jax.jit``
     (step time, and MFU where the device's peak is known)."""
-    from . import make_mesh, parallelize
-    from .models import get_model
+    from .. import make_mesh, parallelize
+    from ..models import get_model
     m = get_model("gpt")
     cfg = m.Config(**{**BENCH_CONFIGS["gpt"], "n_layers": layers})
     model_def, params = m.init(cfg, seed=0)
@@ -502,10 +383,10 @@ def auto_rows(layers=(12, 24), rates=(None, 1e10)) -> list[dict]:
     bytes from the compiled HLO, and the search time per depth."""
     from jax.sharding import PartitionSpec as P
 
-    from . import make_mesh, parallelize
-    from .models import get_model, presets
-    from .passes.auto_search import estimated_step_seconds
-    from .runtime.hlo import parse_collectives
+    from .. import make_mesh, parallelize
+    from ..models import get_model, presets
+    from ..report.hlo import parse_collectives
+    from ..report.strategy import estimated_step_seconds
     mesh = make_mesh({"data": 2, "model": 4})
     axes = tuple(mesh.axis_names)
     m = get_model("gpt")
@@ -537,25 +418,6 @@ def auto_rows(layers=(12, 24), rates=(None, 1e10)) -> list[dict]:
                     row[f"{strategy}_bytes"] = other.report(*args).total_wire_bytes
             out.append(row)
     return out
-
-
-def auto_markdown(rows: list[dict]) -> list[str]:
-    lines = ["", "## auto=True against the presets", "",
-             "GPT (benchmark size) with only the batch annotated, mesh data=2,model=4. Estimated "
-             "step = per-device compute at the rate shown + collectives (alpha-beta, 5 us, 100 GB/s); "
-             "the same model prices the presets. Bytes: auto from the compiled HLO, presets from "
-             "their reports (equal to their HLO, see the table above).", "",
-             "| layers | compute rate | search s | nodes | MILP variables | auto ms | auto KiB "
-             "| dp ms | fsdp ms | tp ms | dp_tp ms | best preset KiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        presets_ms = [f"{r[s + '_s'] * 1e3:.3f}" if s + "_s" in r else "-" for s in ("dp", "fsdp", "tp", "dp_tp")]
-        best = min((s for s in ("dp", "fsdp", "tp", "dp_tp") if s + "_s" in r), key=lambda s: r[s + "_s"],
-                   default=None)
-        lines.append(f"| {r['layers']} | {r['rate']:.0e} | {r['solve_s']:.2f} | {r['nodes']} | {r['variables']} "
-                     f"| {r['auto_s'] * 1e3:.3f} | {r['auto_bytes'] / 1024:.1f} | " + " | ".join(presets_ms)
-                     + f" | {'-' if best is None else f'{best}: ' + format(r[best + '_bytes'] / 1024, '.1f')} |")
-    return lines
 
 
 # ----------------------------------------------------------------------------- the run
@@ -618,60 +480,3 @@ def auto_checks(rows: list[dict]) -> list[Check]:
                              times[large] <= 10 and times[large] <= 2 * times[small],
                              f"{times[small]:.2f} s for {small} layers, {times[large]:.2f} s for {large}"))
     return out
-
-
-def results_markdown(result: dict, command: str) -> str:
-    rows, scaling, reference = result["rows"], result["scaling"], result["reference"]
-    parts = [
-        "# autoshard benchmark results",
-        "",
-        f"Command: `{command}`",
-        "",
-        f"Machine: {machine_line()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
-        "",
-        "Per device and per training step (adamw). `wire`: bytes each device sends, from the "
-        "collectives of the compiled HLO; `min`: the strategy's analytic minimum (formulas in "
-        "`autoshard/benchmark.py`); `jit`: `jax.jit` with the same annotations as "
-        "`NamedSharding`s (XLA's propagation); `mem`: `memory_analysis()` arguments + outputs + "
-        "temporaries; pass s: autoshard trace + passes + lowering; compile s: XLA. Step times "
-        "are medians on simulated CPU devices sharing two cores: noise, not a claim.",
-        "",
-        markdown_table(rows),
-        "",
-        "## Checks",
-        "",
-    ]
-    for c in result["checks"]:
-        parts.append(f"- **{'PASS' if c.passed else 'FAIL'}** {c.name}: {c.detail}")
-    if scaling:
-        a, b, r2 = linear_fit([p.equations for p in scaling], [p.passes_s for p in scaling])
-        parts += ["", "## Pass time against program size", "",
-                  "GPT train step, unrolled layers, mesh data=2,model=4, dp_tp. `passes`: "
-                  "import_annotations through verify; `front end`: JAX's trace + passes + "
-                  "lowering to StableHLO.", "",
-                  "| layers | equations | passes s | us / equation | trace s | front end s |",
-                  "|---|---|---|---|---|---|"]
-        for p in scaling:
-            parts.append(f"| {p.layers} | {p.equations:,} | {p.passes_s:.2f} "
-                         f"| {p.passes_s / p.equations * 1e6:.1f} | {p.trace_s:.2f} | {p.front_end_s:.2f} |")
-        parts += ["", f"Least squares: passes = {a:.3f} s + {b * 1e6:.1f} us x equations "
-                  f"(R^2 = {r2:.3f})."]
-    if reference is not None:
-        parts += ["", f"{reference.layers}-layer GPT ({reference.equations:,} equations), fastest of 3 runs: passes "
-                  f"{reference.passes_s:.2f} s, front end {reference.front_end_s:.2f} s, XLA compile "
-                  f"{reference.compile_s:.2f} s."]
-    if result.get("auto"):
-        parts += auto_markdown(result["auto"])
-    parts += ["", "## GPU", ""]
-    single = result.get("single")
-    if single is None:
-        parts.append("No GPU in this run. On a machine with one, `autoshard bench` adds the "
-                     "12-layer GPT step on one GPU: autoshard on a 1-device mesh against "
-                     "`jax.jit`, step time and MFU.")
-    else:
-        parts += ["| device | layers | GFLOP / step | autoshard ms | jit ms | autoshard MFU | jit MFU |",
-                  "|---|---|---|---|---|---|---|",
-                  f"| {single['device']} | {single['layers']} | {single['flops'] / 1e9:.2f} "
-                  f"| {single['ours_ms']:.2f} | {single['jit_ms']:.2f} | {single['ours_mfu']} "
-                  f"| {single['jit_mfu']} |"]
-    return "\n".join(parts) + "\n"

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import time
 
-from ..passes import auto_search, import_annotations, insert_collectives, propagate, verify
-from .program import ShardedProgram
+from ..compiler.program import ShardedProgram
+from . import auto_search, import_annotations, insert_collectives, propagate, verify
 
 
 def compile(graph, mesh_info, in_specs, out_specs, in_paths, out_paths, auto=None) -> ShardedProgram:

@@ -74,7 +74,7 @@ from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 
-from autoshard.compiler.cost_model import KINDS, wire_bytes as _wire_bytes
+from ..compiler.cost_model import KINDS, wire_bytes as _wire_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
     import jax

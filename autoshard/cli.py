@@ -265,7 +265,7 @@ def launch(args) -> int:
                          "autoshard launch --processes 2 --devices-per-process 4 -- autoshard demo")
     try:
         return launch_local(cmd, processes=args.processes, devices_per_process=args.devices_per_process,
-                            timeout_s=args.timeout, port=args.port)
+                            timeout_s=args.timeout, port=args.port, verbose=args.verbose)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -280,6 +280,8 @@ def _launch_parser(sub):
     la.add_argument("--devices-per-process", type=int, default=4)
     la.add_argument("--timeout", type=float, default=None, help="seconds before every process is stopped (exit 124)")
     la.add_argument("--port", type=int, default=None, help="coordinator port (default: a free one)")
+    la.add_argument("--verbose", action="store_true",
+                    help="also print the transport's log lines (gloo's \"connected to N peer ranks\")")
     la.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...], e.g. -- autoshard demo --steps 5")
 
 

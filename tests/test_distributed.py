@@ -179,12 +179,26 @@ def test_launcher_timeout_and_usage():
     assert run.returncode == 2 and "after '--'" in run.stderr
 
 
+GLOO_LINE = "[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1"
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_launcher_shows_transport_log_lines_only_when_verbose(verbose):
+    code = f"print({GLOO_LINE!r}); print('hello', flush=True)"
+    run = _launch([sys.executable, "-c", code], timeout=60, extra=("--verbose",) if verbose else ())
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = run.stdout.splitlines()
+    assert sorted(ln for ln in lines if "hello" in ln) == ["[p0] hello", "[p1] hello"]
+    assert sorted(ln for ln in lines if "[Gloo]" in ln) == ([f"[p{i}] {GLOO_LINE}" for i in (0, 1)] if verbose else [])
+
+
 def test_process_local_rows_and_a_shape_mismatch_between_processes():
     run = _launch([sys.executable, os.path.abspath(__file__), "small"], timeout=150)
     out = run.stdout + run.stderr
     if run.returncode != 0 and (why := _multiprocess_unavailable(out)):
         pytest.skip(f"this platform cannot run multi-process JAX on 127.0.0.1 ({why})")
     assert run.returncode == 0, out[-5000:]
+    assert "[Gloo]" not in out                        # gloo's connection lines: only with --verbose
     for p in (0, 1):
         (line,) = [ln for ln in run.stdout.splitlines() if ln.startswith(f"[p{p}] MISMATCH ")]
         assert "processes [1] called it with other input shapes, dtypes or structure than process 0" in line

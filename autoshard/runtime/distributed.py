@@ -23,6 +23,7 @@ once per process on 127.0.0.1 with ``AUTOSHARD_COORDINATOR``, ``AUTOSHARD_NUM_PR
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -41,6 +42,10 @@ _JAX_ENV = {"coordinator": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_
             "process_id": "JAX_PROCESS_ID"}
 
 _DEVICE_FLAG = "--xla_force_host_platform_device_count"
+
+#: Log lines of the collectives' transport that say nothing to a user of ``autoshard launch``
+#: (gloo prints one per communicator it opens); shown with ``verbose=True``.
+TRANSPORT_LOG = re.compile(r"^\[Gloo\] Rank \d+ is connected to \d+ peer ranks\b")
 
 
 def _env_int(*names):
@@ -208,9 +213,11 @@ def _resolve_command(cmd: list[str]) -> list[str]:
     return list(cmd)
 
 
-def _pump(stream, prefix: str, sink, lock):
+def _pump(stream, prefix: str, sink, lock, verbose: bool = True):
     for raw in iter(stream.readline, b""):
         line = raw.decode(errors="replace")
+        if not verbose and TRANSPORT_LOG.match(line):
+            continue
         with lock:
             sink.write(prefix + line if line.endswith("\n") else prefix + line + "\n")
             sink.flush()
@@ -225,9 +232,11 @@ def _kill_group(proc: subprocess.Popen, sig) -> None:
 
 
 def launch_local(cmd: list[str], *, processes: int, devices_per_process: int, timeout_s: float | None = None,
-                 port: int | None = None, env: dict | None = None, stdout=None, grace_s: float = 5.0) -> int:
+                 port: int | None = None, env: dict | None = None, stdout=None, grace_s: float = 5.0,
+                 verbose: bool = False) -> int:
     """Run ``cmd`` as ``processes`` JAX processes on 127.0.0.1, each with
-    ``devices_per_process`` simulated CPU devices. Output lines are prefixed ``[p<id>] ``.
+    ``devices_per_process`` simulated CPU devices. Output lines are prefixed ``[p<id>] ``;
+    the transport's log lines (``TRANSPORT_LOG``) are dropped unless ``verbose``.
 
     Returns 0 when every process succeeds; otherwise the first failing exit status (the
     others are killed as soon as one fails), or 124 when ``timeout_s`` passes first.
@@ -256,7 +265,7 @@ def launch_local(cmd: list[str], *, processes: int, devices_per_process: int, ti
             p = subprocess.Popen(argv, env=penv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                  start_new_session=True)
             procs.append(p)
-            t = threading.Thread(target=_pump, args=(p.stdout, f"[p{pid}] ", sink, lock), daemon=True)
+            t = threading.Thread(target=_pump, args=(p.stdout, f"[p{pid}] ", sink, lock, verbose), daemon=True)
             t.start()
             pumps.append(t)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s

@@ -3,7 +3,6 @@ sharding_rule, and a Pallas kernel (interpret mode) that keeps its split with no
 
 Expected factor tables are derived by hand from the rule strings; sharded results are compared
 with the same function on one device; collectives are read from the compiled HLO."""
-import functools
 import math
 import warnings
 
@@ -22,7 +21,9 @@ from autoshard.compiler.ops import RULES, FactorBuilder
 from autoshard.compiler.ops import custom
 from autoshard.compiler.ops.custom import factor_rule, parse_rule
 
-from _util import assert_report_matches_hlo, assert_tree_close, hlo_collectives, kinds
+from autoshard.runtime.hlo import parse_collectives
+
+from _util import assert_report_matches_hlo, assert_tree_close, kinds
 
 
 def named(rule):
@@ -323,6 +324,16 @@ def test_pallas_attention_with_rule_keeps_batch_and_heads_split_with_no_collecti
     assert "tensor<2x1x8x16xf32>" in text
 
 
+def test_pallas_attention_with_an_uneven_batch_split():
+    """3 sequences over 2 devices: blocks are padded to 2, the kernel runs on the padding too,
+    and the output (a jax.Array cannot be split unevenly) leaves with its batch dim whole."""
+    attn = ash.with_rule(attention, ATTN_RULE, need_replication_factors=("k",))
+    pf = ash.parallelize(attn, mesh=ash.make_mesh("data=2,model=4"), in_specs=(P("data", "model"),) * 3)
+    q, k, v = _qkv(B=3)
+    assert pf.report(q, k, v).layouts["out"] == "[B, S(1)]"
+    assert_tree_close(pf(q, k, v), attention_reference(q, k, v), rtol=1e-5, atol=1e-5)
+
+
 def test_pallas_attention_sequence_split_is_gathered_for_the_kernel():
     attn = ash.with_rule(attention, ATTN_RULE, need_replication_factors=("k",))
     pf = ash.parallelize(attn, mesh=ash.make_mesh("data=2,model=4"),
@@ -340,7 +351,10 @@ def test_with_rule_as_a_decorator_under_plain_jax_jit():
     mesh = ash.make_mesh("data=2,model=4")
     q, k, v = _qkv()
     sh = NamedSharding(mesh, P("data", "model"))
-    out = jax.jit(attn)(*(jax.device_put(a, sh) for a in (q, k, v)))
+    args = [jax.device_put(a, sh) for a in (q, k, v)]
+    out = jax.jit(attn)(*args)
+    assert out.sharding.spec == P("data", "model")
+    assert parse_collectives(jax.jit(attn).lower(*args).compile().as_text(), mesh) == []
     assert_tree_close(out, attention_reference(q, k, v), rtol=1e-5, atol=1e-5)
     assert_tree_close(attn(q, k, v), attention_reference(q, k, v), rtol=1e-5, atol=1e-5)
 

@@ -49,6 +49,7 @@ from jax.experimental.custom_partitioning import SdyShardingRule, custom_partiti
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ...errors import ShardingRuleError, UnsupportedPrimitiveError
+from ..mesh import abstract_mesh
 from . import RULES, FactorBuilder, FactorRule, OpRule, _load_families
 
 # JAX's parser of the string notation (same module and API in JAX 0.10.2 through 0.12).
@@ -484,7 +485,6 @@ def _cp_lower(eqn, ctx, args):
     # the traced body again is no option: its equations carry the trace-time mesh context.)
     # Without a rule the layouts are replicated, and so are the shardings it gets.
     text = spec.text if spec is not None else "(none)"
-    from ..mesh import abstract_mesh
     mesh = abstract_mesh(ctx.axis_sizes)
 
     def shaped(vs, lays):

@@ -26,6 +26,17 @@ from autoshard.runtime.hlo import parse_collectives
 from _util import assert_report_matches_hlo, assert_tree_close, kinds
 
 
+@pytest.fixture(autouse=True)
+def _restore_registry():
+    """Rules registered here do not leak into other test modules (test_op_database checks
+    that every registered primitive has a sample)."""
+    saved = dict(RULES), set(custom._USER), dict(custom._KERNELS)
+    yield
+    RULES.clear(), RULES.update(saved[0])
+    custom._USER.clear(), custom._USER.update(saved[1])
+    custom._KERNELS.clear(), custom._KERNELS.update(saved[2])
+
+
 def named(rule):
     """'operands -> results' with factors lettered by first appearance and kinds marked
     (+ sum, ! never split), as in test_rules.py."""

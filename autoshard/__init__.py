@@ -7,7 +7,8 @@
 """
 from .compiler.mesh import abstract_mesh, make_mesh
 from .compiler.ops.constraint import constrain
-from .errors import (MeshError, PlanningOnlyError, ShardingError, SpecError,
+from .compiler.ops.custom import register_rule, with_rule
+from .errors import (MeshError, PlanningOnlyError, ShardingError, ShardingRuleError, SpecError,
                      UnsupportedPrimitiveError)
 from .report import ShardingReport
 from .runtime.executable import ParallelFunction, parallelize
@@ -15,5 +16,5 @@ from .runtime.executable import ParallelFunction, parallelize
 __all__ = [
     "make_mesh", "abstract_mesh", "parallelize", "constrain", "ParallelFunction",
     "ShardingReport", "ShardingError", "MeshError", "SpecError", "UnsupportedPrimitiveError",
-    "PlanningOnlyError",
+    "PlanningOnlyError", "register_rule", "with_rule", "ShardingRuleError",
 ]

@@ -37,6 +37,20 @@ class SpecError(ShardingError):
         super().__init__("\n".join(parts))
 
 
+class ShardingRuleError(ShardingError):
+    """A rule given to ``register_rule`` / ``with_rule`` (or a ``custom_partitioning``
+    ``sharding_rule``) is malformed or does not fit the op it is applied to."""
+
+    def __init__(self, problem: str, *, rule, where: str = "", fix: str = ""):
+        self.rule, self.problem, self.where = rule, problem, where
+        parts = [problem, f"  rule:     {rule!r}"]
+        if where:
+            parts.append(f"  op:       {where}")
+        if fix:
+            parts.append(f"  fix:      {fix}")
+        super().__init__("\n".join(parts))
+
+
 class NoFeasiblePlanError(ShardingError):
     """The layout search (``auto=True``) found no plan within the constraints given."""
 

@@ -37,6 +37,8 @@ import jax.scipy.special as jsp
 import numpy as np
 import pytest
 from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -517,6 +519,39 @@ add("sharding_constraint", "with_sharding_constraint",
     lambda mesh: (lambda x: lax.with_sharding_constraint(jnp.sin(x), NamedSharding(mesh, P("a", None))) * 2),
     A((8, 16)), grad=True, mesh_fn=True)
 
+
+# -- rules of your own (tests/test_register_rule.py): with_rule and a partition callback, Pallas
+def _pl_matmul_kernel(x_ref, w_ref, o_ref):
+    o_ref[...] = x_ref[...] @ w_ref[...]
+
+
+def _pl_rows_kernel(x_ref, o_ref):
+    o_ref[...] = jnp.tanh(x_ref[...]) * 2.0
+
+
+def _pl_rows(x):            # one row per grid step: grid and blocks from x's (local) shape
+    spec = pl.BlockSpec((1, x.shape[1]), lambda i: (i, 0))
+    return pl.pallas_call(_pl_rows_kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+                          grid=(x.shape[0],), in_specs=[spec], out_specs=spec, interpret=True)(x)
+
+
+_pl_matmul = ash.with_rule(
+    lambda x, w: pl.pallas_call(_pl_matmul_kernel, out_shape=jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), x.dtype),
+                                interpret=True)(x, w), "i j, j k -> i k")
+ash.register_rule(_pl_rows_kernel, "r c -> r c", need_replication_factors=("c",), lower=_pl_rows)
+
+
+@custom_partitioning
+def _cp_softmax(x):
+    return jax.nn.softmax(x, -1)
+
+
+_cp_softmax.def_partition(
+    lambda mesh, a, r: (mesh, lambda x: jax.nn.softmax(x, -1), a[0].sharding, (a[0].sharding,)),
+    sharding_rule="... d -> ... d", need_replication_factors=("d",))
+add("custom_partitioning", "with_rule_and_partition_callback",
+    lambda x, w, y: (_pl_matmul(x, w), _cp_softmax(y)), A((8, 16)), A((16, 8)), A((4, 8, 16)))
+add("pallas_call", "registered_row_kernel", _pl_rows, A((8, 16)))
 
 SKIP_NOT_REACHABLE = {
     "checkpoint": "registered alias; jax.checkpoint / jax.remat emit 'remat2'",

@@ -24,12 +24,17 @@ _UNARY = [
     "population_count", "clz", "erf", "erfc", "erf_inv", "lgamma", "digamma", "square",
     "integer_pow", "reduce_precision", "bessel_i0e", "bessel_i1e", "copy", "copy_p",
     "stop_gradient", "bitcast_convert_type_same_width",
+    # jax 0.12: tanh/asin/acos/atanh/gelu derivatives bind one_minus_square (1 - x**2);
+    # jnp.log2 binds log2. ``name`` is jax.ad_checkpoint.checkpoint_name (identity).
+    "one_minus_square", "log2", "name",
 ]
 _BINARY = [
     "add", "add_any", "sub", "mul", "div", "rem", "pow", "max", "min", "and", "or", "xor",
     "eq", "ne", "lt", "le", "gt", "ge", "atan2", "nextafter", "shift_left",
     "shift_right_logical", "shift_right_arithmetic", "complex", "igamma", "igammac",
     "igamma_grad_a", "random_gamma_grad", "polygamma", "zeta", "mulhi", "select_n", "clamp",
+    # jax 0.12: polynomial(x, *coeffs) (Horner's rule; erf's derivative), broadcasting.
+    "polynomial",
 ]
 
 
@@ -52,7 +57,7 @@ _PARTIAL_MODE = {
     # neg is linear, but it turns a max into a min: -(P(max)) is not P(max) (gave wrong values
     # for ``-x.max(axis)`` with ``axis`` split), so only sums pass. reduce_precision rounds
     # each partial sum apart (wrong sums); it is monotone, so maxima pass.
-    "neg": "unary_sum", "copy": "unary_any", "copy_p": "unary_any", "stop_gradient": "unary_any",
+    "neg": "unary_sum", "copy": "unary_any", "copy_p": "unary_any", "stop_gradient": "unary_any", "name": "unary_any",
     "reduce_precision": "unary_max", "real": "unary_sum", "imag": "unary_sum", "conj": "unary_sum",
     "add": "same_sum", "add_any": "same_sum", "sub": "same_sum",
     "mul": "one_sum", "div": "first_sum", "max": "same_max", "min": "same_min",
@@ -86,3 +91,21 @@ def _convert_partial_mode(eqn):
 
 
 register(lax.convert_element_type_p, partial=_convert_partial_mode)(elementwise_factors)
+
+
+# -- identity on each operand: device_put, optimization_barrier --------------------------------
+def pairwise_factors(eqn):
+    """Result ``i`` is operand ``i``: each pair shares its dims' factors."""
+    fb = FactorBuilder()
+    dims = [[fb.new(s) for s in v.shape] for v in eqn.invars]
+    return fb.build(dims, dims)
+
+
+def _lower_identity(eqn, ctx, args):
+    # ``jax.device_put`` inside a traced function names devices or a global sharding; in the
+    # per-device program the value is already where the plan puts it.
+    return list(args)
+
+
+register("device_put", lower=_lower_identity)(pairwise_factors)
+register("optimization_barrier")(pairwise_factors)

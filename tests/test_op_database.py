@@ -475,6 +475,9 @@ add_if_emitted(("one_minus_square", "log2", "polynomial"), "jax012_unary",
                lambda x, p: (jax.grad(lambda a: jnp.sum(jax.nn.gelu(a)))(x), jnp.log2(p),
                              jax.grad(lambda a: jnp.sum(jsp.erf(a)))(x)),
                A((8, 1, 16)), A((8, 16), "pos"), grad=True)
+add("regularized_incomplete_beta", "betainc", lambda a, b, x: jsp.betainc(a, b, x), A((8, 16), "pos"),
+    A((8, 16), "pos"), A((8, 16), "unit"))
+HEAVY_NEW = {"betainc"}
 add("scatter-sub", "scatter_sub", lambda x, idx, u: x.at[idx].subtract(u), A((8, 16)), A((8,), "idx8"), A((8, 16)),
     grad=True)
 add("reduce", "reduce_variadic",   # lax.reduce of a pair with a computation of its own
@@ -655,7 +658,7 @@ XFAIL: dict[str, str] = {
 XFAIL_GRAD: dict[str, str] = {}
 # Samples whose XLA compile takes ~1 s or more: one layout per variant in the default run, the
 # full set under -m slow.
-HEAVY = {"igamma", "igammac", "igamma_grad_a", "zeta"}
+HEAVY = {"igamma", "igammac", "igamma_grad_a", "zeta"} | HEAVY_NEW
 HEAVY_GRAD = {"cumprod", "cummin", "scan", "prod"}
 # Forward+backward of these compiles for 2-5 s a layout: under -m slow only.
 SLOW_ONLY_GRAD = {"igamma", "igammac", "cummax", "cumlogsumexp"}

@@ -33,7 +33,7 @@ from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 from .. import compat
 from ..compiler import ir, pipeline
 from ..compiler.mesh import MeshInfo
-from ..compiler.ops import get_rule
+from ..compiler.ops import REFUSED, get_rule
 from ..compiler.ops.control_flow import drop_dead_loop_inputs
 from ..errors import (PlanningOnlyError, ReshardWarning, RetraceWarning, ShardingError, SpecError,
                       UnsupportedPrimitiveError, UnsupportedPrimitiveWarning)
@@ -210,8 +210,7 @@ class ParallelFunction:
             graph = ir.trace(flat_fun, avals)
         if drop_dead_loop_inputs(graph):     # loop operands no body reads (hoisted residuals)
             graph = ir.dce(graph)
-        if self.strict:
-            _refuse_primitives_without_rule(graph)
+        _refuse_primitives_without_rule(graph, self.strict)
         out_tree = out_store["tree"]
         out_avals = jax.tree.unflatten(out_tree, [jax.ShapeDtypeStruct(v.shape, v.dtype) for v in graph.outvars])
         if self.out_specs is None:
@@ -366,10 +365,16 @@ class ParallelFunction:
         return jax.tree.unflatten(entry.out_tree, list(entry.out_shardings))
 
 
-def _refuse_primitives_without_rule(graph):
-    """``strict=True``: the first equation (in program order) whose primitive has no rule."""
+def _refuse_primitives_without_rule(graph, strict: bool):
+    """The first equation (in program order) the fallback cannot compute (``ops.REFUSED``), or
+    with ``strict=True`` the first whose primitive has no rule."""
     for eqn in graph.all_eqns():
-        if not eqn.subgraphs and get_rule(eqn).fallback:
+        if eqn.prim.name in REFUSED:
+            raise UnsupportedPrimitiveError(
+                eqn.prim.name, eqn.source, detail=REFUSED[eqn.prim.name],
+                workaround="call the shard_map outside the parallelized function, or write its body "
+                           "with jax.numpy ops and let autoshard place it")
+        if strict and not eqn.subgraphs and get_rule(eqn).fallback:
             raise UnsupportedPrimitiveError(
                 eqn.prim.name, eqn.source,
                 detail="strict=True refuses to compute it on replicated operands",

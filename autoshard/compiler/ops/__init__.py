@@ -139,6 +139,14 @@ def replicated_factors(eqn) -> FactorRule:
 FALLBACK = OpRule(replicated_factors, fallback=True)
 
 
+#: Primitives the fallback cannot compute either: ``parallelize`` raises
+#: ``UnsupportedPrimitiveError`` with this detail (strict or not) instead of failing in lowering.
+REFUSED: dict[str, str] = {
+    "shard_map": ("a jax.shard_map inside a parallelized function is not supported yet (its body is "
+                  "per-device code that cannot be re-bound inside autoshard's own shard_map)"),
+}
+
+
 def get_rule(eqn) -> OpRule:
     """The rule for ``eqn``'s primitive; ``FALLBACK`` (``rule.fallback``) when it has none."""
     _load_families()

@@ -34,7 +34,7 @@ _BINARY = [
     "shift_right_logical", "shift_right_arithmetic", "complex", "igamma", "igammac",
     "igamma_grad_a", "random_gamma_grad", "polygamma", "zeta", "mulhi", "select_n", "clamp",
     # jax 0.12: polynomial(x, *coeffs) (Horner's rule; erf's derivative), broadcasting.
-    "polynomial",
+    "polynomial", "regularized_incomplete_beta",
 ]
 
 

@@ -8,7 +8,7 @@ What differs, and where it shows:
 - 0.11 merged ``Jaxpr`` and ``ClosedJaxpr``: a ``Jaxpr`` carries its ``.consts`` (the first
   ``len(consts)`` inputs are its constvars), ``jax.extend.core.ClosedJaxpr`` is an alias of
   ``Jaxpr``, and ``jit``/``scan`` bodies are such closed ``Jaxpr`` objects
-  (:func:`jaxpr_and_consts`, :func:`closed_jaxpr`).
+  (:func:`jaxpr_and_consts`, :func:`dce_closed_jaxpr`).
 - 0.11 replaced ``scan``'s ``num_consts``/``num_carry`` params by ``ft_in``/``ft_out`` FlatTrees
   (``(consts, carry, xs)`` and ``(carry, ys)``). The compiler's IR keeps the old integer params
   on every ``scan`` equation whatever the JAX (:func:`normalize_params`); scan equations are
@@ -24,7 +24,7 @@ What differs, and where it shows:
   ``jax.make_mesh`` defaults to Explicit axes (``ash.make_mesh`` builds ``Auto`` meshes with
   ``jax.sharding.Mesh``); ``.vma``/``pvary`` are not used.
 - Extended dtypes (typed PRNG keys, ``key<fry>``) have no NumPy dtype in any version:
-  :func:`canonicalize_dtype` and :func:`itemsize` accept them.
+  :func:`canonicalize_dtype` and :func:`itemsize` accept them (``np.dtype(v.dtype)`` does not).
 
 >>> scan_counts({"num_consts": 1, "num_carry": 2})
 (1, 2)

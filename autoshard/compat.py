@@ -18,7 +18,8 @@ What differs, and where it shows:
   do; :func:`ppermute_any_axis_order` lifts the check where a test names them out of order).
 - The compiled-HLO text of XLA's own SPMD partitioner prints replica groups as
   ``mesh[...] {'a','c'}`` in 0.12 where 0.10 printed ``device_ids=(...)``; ``runtime/hlo.py``
-  parses both, so no helper is needed.
+  parses both, so no helper is needed. Likewise 0.12's StableHLO (``pf.lower().as_text()``)
+  names mesh axes (``#stablehlo.replica_group_mesh_axes``) where 0.10 listed device ids.
 - Not differences for autoshard, recorded so nobody adds a check for them: ``jit``'s ``inline``
   param may be a ``jax.Inline`` in 0.12 (``ir`` inlines every ``jit`` regardless);
   ``jax.make_mesh`` defaults to Explicit axes (``ash.make_mesh`` builds ``Auto`` meshes with

@@ -72,6 +72,12 @@ class UnsupportedPrimitiveError(NotImplementedError):
         super().__init__(f"{msg}\n  workaround: {workaround}")
 
 
+class UnsupportedPrimitiveWarning(UserWarning):
+    """An operation has no sharding rule and was computed on replicated operands: the result
+    is correct, the gathers of its operands cost wire bytes (see the report); teach autoshard
+    the primitive with ``ash.register_rule``, or pass ``strict=True`` to make this an error."""
+
+
 class PlanningOnlyError(ShardingError):
     """A function built on an abstract mesh was called with data."""
 

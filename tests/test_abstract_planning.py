@@ -143,6 +143,7 @@ def test_unrolled_abstract_init_is_init_without_arrays():
 # ----------------------------------------------------------------------------- lower()
 
 _OP = re.compile(r'"stablehlo\.(all_reduce|all_gather|reduce_scatter|all_to_all|collective_permute)"')
+_MESH_AXES = re.compile(r'replica_groups = #stablehlo\.replica_group_mesh_axes<mesh = @\w+, axes = \[(.*?)\]>')
 _GROUPS = re.compile(r'replica_groups = dense<(?:"0x([0-9A-Fa-f]+)"|(\[[^>]*\]))> : tensor<(\d+)x(\d+)xi64>')
 
 
@@ -162,7 +163,11 @@ def _collectives_of_stablehlo(text, mesh):
         op = _OP.search(line)
         if not op:
             continue
-        g = _GROUPS.search(line)
+        mesh_axes = _MESH_AXES.search(line)      # jax 0.12 names the mesh axes themselves
+        if mesh_axes:
+            found[(op[1].replace("_", "-"), tuple(re.findall(r'axis_ref<name = "(\w+)"', mesh_axes[1])))] += 1
+            continue
+        g = _GROUPS.search(line)                 # jax 0.10: device ids
         hx, listed, n_groups, size = g.groups()
         flat = (np.frombuffer(bytes.fromhex(hx), dtype="<i8") if hx
                 else np.array([int(x) for x in re.findall(r"-?\d+", listed)]))

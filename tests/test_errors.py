@@ -73,18 +73,19 @@ def test_mesh_that_does_not_fit_the_devices():
         ash.make_mesh("data=two")
 
 
-def uses_fft(x):
+def uses_callback(x):
     y = x * 2
-    return jnp.fft.fft(y).real   # this line is named in the error
+    return jax.pure_callback(np.sin, jax.ShapeDtypeStruct(y.shape, y.dtype), y)   # named in the error
 
 
-def test_op_without_rule_names_primitive_and_user_line():
-    pf = ash.parallelize(uses_fft, mesh=ash.make_mesh("data=8"), in_specs=(P("data"),))
+def test_op_without_rule_under_strict_names_primitive_and_user_line():
+    # Without strict=True such an op runs on replicated operands (tests/test_fallback.py).
+    pf = ash.parallelize(uses_callback, mesh=ash.make_mesh("data=8"), in_specs=(P("data"),), strict=True)
     with pytest.raises(ash.UnsupportedPrimitiveError) as info:
         pf(np.ones((8, 4), np.float32))
     msg = str(info.value)
-    assert "'fft'" in msg
-    line = uses_fft.__code__.co_firstlineno + 2
+    assert "'pure_callback'" in msg
+    line = uses_callback.__code__.co_firstlineno + 2
     assert f"test_errors.py:{line}" in msg, msg
     assert "workaround" in msg
     assert isinstance(info.value, NotImplementedError)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from autoshard import compat
 from autoshard.compiler.cost_model import wire_bytes
 from autoshard.report.hlo import HloCollective, parse_collectives, summarize
 
@@ -100,7 +101,8 @@ def test_kind_axes_shape_bytes(op, mesh_key, axes):
     kind, dtype = OPS[op]
     x = jnp.ones((o * local[0], local[1]), dtype)
     in_spec = P(others if others else None, None)
-    text = compile_shard_map(_program(op, axes, n), mesh, in_spec, P(names), x)
+    with compat.ppermute_any_axis_order():     # ("c", "a") is out of mesh order on purpose
+        text = compile_shard_map(_program(op, axes, n), mesh, in_spec, P(names), x)
 
     got = parse_collectives(text, mesh)
 
@@ -243,7 +245,9 @@ def test_jit_reduction_over_two_axes_3d():
     # the (8,) partials over ('a', 'c').
     mesh = make_mesh((2, 2, 2), ("a", "b", "c"))
     text = _compile_jit(lambda a: a.sum(0), mesh, (P(("a", "c"), "b"),), None, (16, 16))
-    assert "device_ids=(" in text
+    # XLA of jax 0.10 prints these replica groups as device_ids=(...), that of 0.12 as mesh
+    # axes; the parser reads both.
+    assert "device_ids=(" in text or "{'a','c'}" in text
     assert summarize(parse_collectives(text, mesh)) == {("all-reduce", ("a", "c"), (8,)): 1}
 
 
@@ -263,7 +267,7 @@ def test_jit_resharding_over_part_of_an_axis_raises():
     # over half of 'model' (groups of 2), which is no subset of mesh axes.
     mesh = make_mesh((2, 4), ("data", "model"))
     text = _compile_jit(lambda a: a * 2, mesh, (P("data", "model"),), P("model", "data"), (16, 32))
-    assert "'axis_0':(2)2" in text
+    assert "'axis_0':(2)2" in text or "'model':(2)2" in text      # jax 0.10 / 0.12 spelling
     with pytest.raises(ValueError, match=r"\[\[0, 1\], \[2, 3\], \[4, 5\], \[6, 7\]\]"):
         parse_collectives(text, mesh)
 

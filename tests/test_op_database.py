@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import jax
+import jax.ad_checkpoint
 import jax.extend.random
 import jax.numpy as jnp
 import jax.scipy.special as jsp
@@ -80,6 +81,37 @@ def add(prim, name, fn, *args, grad=False, mesh_fn=False, grad_argnums=None, fix
     assert name not in _BY_NAME, name
     _BY_NAME[name] = s
     SAMPLES[prim].append(s)
+    return s
+
+
+# Registered primitives the installed JAX never emits (rules for another JAX release's
+# primitives): name -> why. Their samples are dropped by ``add_if_emitted``.
+NOT_EMITTED: dict[str, str] = {}
+
+
+def _emitted(fn, args):
+    avals = [jax.ShapeDtypeStruct(shape, _make_arg(np.random.default_rng(0), shape, kind).dtype)
+             for shape, kind in args]
+    graph = ir.trace(lambda *a: jax.tree.leaves(fn(*a)), avals)
+
+    def prims(g):
+        return {n for e in g.eqns for n in (e.prim.name, *(m for sub in e.subgraphs for m in prims(sub)))}
+    return prims(graph)
+
+
+def add_if_emitted(prims, name, fn, *args, **kw):
+    """``add`` for every primitive of ``prims`` the sample emits under the installed JAX; the
+    others go to NOT_EMITTED (e.g. ``one_minus_square`` exists from jax 0.12 on)."""
+    emitted = _emitted(fn, args)
+    here = [p for p in prims if p in emitted]
+    for p in prims:
+        if p not in emitted:
+            NOT_EMITTED[p] = f"jax {jax.__version__} does not emit it ({name} emits {sorted(emitted)})"
+    if not here:
+        return None
+    s = add(here[0], name, fn, *args, **kw)
+    for p in here[1:]:
+        SAMPLES[p].append(s)
     return s
 
 
@@ -370,6 +402,22 @@ add("dynamic_update_slice", "dynamic_update_slice",
     A((8, 16)), A((4, 16)), A((8, 8)), A((), "idx12"), grad=True)
 
 
+# stack (jnp.stack since jax 0.10.1), unstack (jnp.unstack; list(x) in jax 0.12), tile
+_s = add("stack", "stack_unstack_tile",
+         lambda x, y, z: (jnp.stack([x, y], 1), jnp.stack([x, y]), *jnp.unstack(z, axis=1), jnp.tile(x, (2, 1)),
+                          jnp.tile(y, (1, 3))),
+         A((8, 16)), A((8, 16)), A((8, 4, 16)), grad=True)
+SAMPLES["unstack"].append(_s)
+SAMPLES["tile"].append(_s)
+# identities: jax.device_put inside the function, optimization barriers, checkpoint names
+_s = add("device_put", "identities",
+         lambda x, y: (jax.device_put(x) * 2, *lax.optimization_barrier((x, y + 1)),
+                       jax.ad_checkpoint.checkpoint_name(x * y, "h")),
+         A((8, 16)), A((8, 16)), grad=True)
+SAMPLES["optimization_barrier"].append(_s)
+SAMPLES["name"].append(_s)
+
+
 # -- gather / scatter --------------------------------------------------------------------
 add("gather", "take", lambda x, idx, idx2: (x[idx], x[:, idx2]), A((8, 16)), A((4,), "idx8"), A((8,), "idx16"),
     grad=True)
@@ -421,6 +469,66 @@ _s = add("neg", "partial_extrema", _partial_extrema, A((10, 8, 16)), A((3, 8, 16
          fixed=[(P(None, None, "a"), P(None, None, "a"), P(None, "a"))])
 for _p in ("max", "min", "convert_element_type", "reduce_precision", "reduce_max", "reduce_min", "floor"):
     SAMPLES[_p].append(_s)
+
+
+# jax 0.12's new primitives: one_minus_square (gelu's and tanh's derivative), log2, and
+# polynomial (erf's derivative)
+add_if_emitted(("one_minus_square", "log2", "polynomial"), "jax012_unary",
+               lambda x, p: (jax.grad(lambda a: jnp.sum(jax.nn.gelu(a)))(x), jnp.log2(p),
+                             jax.grad(lambda a: jnp.sum(jsp.erf(a)))(x)),
+               A((8, 1, 16)), A((8, 16), "pos"), grad=True)
+add("regularized_incomplete_beta", "betainc", lambda a, b, x: jsp.betainc(a, b, x), A((8, 16), "pos"),
+    A((8, 16), "pos"), A((8, 16), "unit"))
+HEAVY_NEW = {"betainc"}
+add("scatter-sub", "scatter_sub", lambda x, idx, u: x.at[idx].subtract(u), A((8, 16)), A((8,), "idx8"), A((8, 16)),
+    grad=True)
+add("reduce", "reduce_variadic",   # lax.reduce of a pair with a computation of its own
+    lambda x, y: (lax.reduce((x, y), (0.0, 1.0), lambda p, q: (p[0] + q[0], p[1] * q[1]), (1,)),
+                  lax.reduce((x, y), (0.0, 1.0), lambda p, q: (p[0] + q[0], p[1] * q[1]), (0, 1))),
+    A((8, 16)), A((8, 16), "near1"))
+
+
+# -- linear algebra and FFTs: batched over leading dims (a [8,4,4] batch of matrices) ---------
+def _spd(x):
+    return x @ jnp.swapaxes(x, -1, -2) + 4.0 * jnp.eye(x.shape[-1])
+
+
+def _linalg(x, b, d):
+    from jax.lax import linalg as la
+    a = _spd(x)
+    low = jnp.linalg.cholesky(a)
+    w, v = jnp.linalg.eigh(a)
+    lu, piv, perm = la.lu(a)
+    q, r = jnp.linalg.qr(x)     # (eigenvectors and QR factors compared up to sign)
+    return (low, w, (v * w[..., None, :]) @ jnp.swapaxes(v, -1, -2), lu, piv, perm, la.lu_pivots_to_permutation(piv, 4), jnp.abs(q), jnp.abs(r),
+            jnp.linalg.svd(x, compute_uv=False),
+            la.triangular_solve(low, b, left_side=True, lower=True),
+            la.tridiagonal_solve(d[..., 0], d[..., 1] + 4.0, d[..., 2], b),
+            la.symmetric_product(x, a), la.householder_product(x, d[..., 0]),
+            la.ormqr(x, d[..., 0], a), la.cholesky_update(a[0], d[0, :, 1]))
+
+
+_s = add("cholesky", "linalg", _linalg, A((8, 4, 4), "small"), A((8, 4, 2)), A((8, 4, 3), "small"))
+for _p in ("eigh", "lu", "lu_pivots_to_permutation", "qr", "svd", "triangular_solve", "tridiagonal_solve",
+           "symmetric_product", "householder_product", "ormqr", "cholesky_update"):
+    SAMPLES[_p].append(_s)
+
+
+def _linalg_cpu(x):
+    from jax.lax import linalg as la
+    t = la.schur(x)[0]
+    h = la.hessenberg(x)[0]
+    s = _spd(x)
+    diag = la.tridiagonal(s)[1]
+    return jnp.abs(la.eig(s, compute_left_eigenvectors=False, compute_right_eigenvectors=False)[0]), \
+        jnp.abs(jnp.diagonal(t, axis1=-2, axis2=-1)), jnp.abs(h), jnp.abs(diag)
+
+
+_s = add("eig", "linalg_nonsymmetric", _linalg_cpu, A((8, 4, 4), "small"))
+for _p in ("schur", "hessenberg", "tridiagonal"):
+    SAMPLES[_p].append(_s)
+add("fft", "fft", lambda x, y: (jnp.fft.fft(x), jnp.fft.rfft(x), jnp.fft.irfft(jnp.fft.rfft(x)), jnp.fft.fft2(y)),
+    A((8, 16)), A((8, 4, 8)))
 
 
 # -- control flow and remat -------------------------------------------------------------
@@ -476,6 +584,16 @@ SAMPLES["random_fold_in"].append(_s)
 add("threefry2x32", "threefry2x32",
     lambda k, c: jax.extend.random.threefry_2x32(k.astype(jnp.uint32), c.astype(jnp.uint32)),
     A((2,), "ibig"), A((8, 16), "ibig"))
+# random_clone copies keys; random_gamma samples per (key, alpha); rng_bit_generator (XLA's
+# own generator, replicated) gives the same bits on every device for the same key
+_s = add("random_clone", "random_clone_gamma",
+         lambda seed, a: (jax.random.key_data(jax.random.clone(jax.random.key(seed))),
+                          jax.random.gamma(jax.random.key(seed), a)),
+         A((), "i"), A((8, 16), "pos"))
+SAMPLES["random_gamma"].append(_s)
+add("rng_bit_generator", "rng_bit_generator",
+    lambda k, x: (lax.rng_bit_generator(k.astype(jnp.uint32), (8, 16))[1], x * 2),
+    A((4,), "ibig"), A((8, 16)))
 add("bitcast_convert_type", "bitcast",   # same width, narrower (adds a dim), wider (drops it)
     lambda x: (lax.bitcast_convert_type(x, jnp.int32),
                lax.bitcast_convert_type(lax.bitcast_convert_type(x, jnp.int16) + 1, jnp.float32)),
@@ -575,7 +693,7 @@ XFAIL: dict[str, str] = {
 XFAIL_GRAD: dict[str, str] = {}
 # Samples whose XLA compile takes ~1 s or more: one layout per variant in the default run, the
 # full set under -m slow.
-HEAVY = {"igamma", "igammac", "igamma_grad_a", "zeta"}
+HEAVY = {"igamma", "igammac", "igamma_grad_a", "zeta"} | HEAVY_NEW
 HEAVY_GRAD = {"cumprod", "cummin", "scan", "prod"}
 # Forward+backward of these compiles for 2-5 s a layout: under -m slow only.
 SLOW_ONLY_GRAD = {"igamma", "igammac", "cummax", "cumlogsumexp"}
@@ -786,7 +904,7 @@ def test_registry_is_covered():
     assert set(SKIP_NOT_REACHABLE) <= names
     assert set(SAMPLES) <= names, set(SAMPLES) - names
     assert set(XFAIL) | set(XFAIL_GRAD) <= set(SAMPLES)
-    missing = names - set(SAMPLES) - set(SKIP_NOT_REACHABLE)
+    missing = names - set(SAMPLES) - set(SKIP_NOT_REACHABLE) - set(NOT_EMITTED)
     assert not missing, f"primitives with a rule but no sample: {sorted(missing)}"
     assert not set(SAMPLES) & set(SKIP_NOT_REACHABLE)
     assert HEAVY | HEAVY_GRAD | SLOW_ONLY_GRAD <= set(_BY_NAME)

@@ -21,7 +21,7 @@ from autoshard.compiler.ops import RULES, FactorBuilder
 from autoshard.compiler.ops import custom
 from autoshard.compiler.ops.custom import factor_rule, parse_rule
 
-from autoshard.runtime.hlo import parse_collectives
+from autoshard.report.hlo import parse_collectives
 
 from _util import assert_report_matches_hlo, assert_tree_close, kinds
 

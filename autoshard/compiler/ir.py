@@ -22,15 +22,27 @@ import jax
 import numpy as np
 from jax.extend import core as jcore
 
-# Primitives that only delimit a function: their body is inlined.
+from .. import compat
+
+# Primitives that only delimit a function: their body is inlined. (Param names as jax 0.10
+# spells them: ``compat.normalize_params`` renames later releases' spellings.)
 _CALL_BODY_PARAM = {
     "jit": "jaxpr",
     "pjit": "jaxpr",
+    "call": "call_jaxpr",              # jax.extend.core's call_p (0.10)
+    "eval_jaxpr": "call_jaxpr",        # ... its successor (0.12)
     "closed_call": "call_jaxpr",
     "core_call": "call_jaxpr",
     "custom_jvp_call": "call_jaxpr",
+    "custom_jvp_call_jaxpr": "fun_jaxpr",
     "custom_vjp_call": "call_jaxpr",
     "custom_vjp_call_jaxpr": "fun_jaxpr",
+    # Forward semantics are the body's: a vmap rule, a decomposition XLA may replace, a host
+    # placement or XLA metadata only change how it runs, never the values.
+    "custom_vmap_call": "call",
+    "composite": "jaxpr",
+    "compute_on": "jaxpr",
+    "xla_metadata_call": "jaxpr",
 }
 
 # Primitives whose bodies stay regions: their semantics (loops, branches, rematerialisation)
@@ -169,13 +181,10 @@ class _Builder:
             source = user_source(eqn.source_info)
             if source == "<unknown>":
                 source = outer_source
+            params = compat.normalize_params(eqn.primitive.name, dict(eqn.params))
             body_param = _CALL_BODY_PARAM.get(eqn.primitive.name)
-            if body_param is not None and body_param in eqn.params:
-                body = eqn.params[body_param]
-                if isinstance(body, jcore.ClosedJaxpr):
-                    outs = self.inline(body.jaxpr, body.consts, ins, source)
-                else:
-                    outs = self.inline(body, [], ins, source)
+            if body_param is not None and compat.is_jaxpr(params.get(body_param)):
+                outs = self.inline(*compat.jaxpr_and_consts(params[body_param]), ins, source)
                 for var, o in zip(eqn.outvars, outs):
                     env[var] = o
                 continue
@@ -188,9 +197,9 @@ class _Builder:
             outs = [self.new(v.aval) for v in eqn.outvars]
             for var, o in zip(eqn.outvars, outs):
                 env[var] = o
-            new = Eqn(eqn.primitive, ins, outs, dict(eqn.params), source)
+            new = Eqn(eqn.primitive, ins, outs, params, source)
             for param in REGION_PARAMS.get(eqn.primitive.name, ()):
-                bodies = eqn.params[param]
+                bodies = params[param]
                 for body in (bodies if isinstance(bodies, (tuple, list)) else (bodies,)):
                     new.subgraphs.append(self.region(body, source))
             self.eqns.append(new)
@@ -199,7 +208,7 @@ class _Builder:
 
     def region(self, body, source: str) -> Graph:
         """A body as its own graph over fresh values (its equations inlined likewise)."""
-        jaxpr, consts = (body.jaxpr, body.consts) if isinstance(body, jcore.ClosedJaxpr) else (body, [])
+        jaxpr, consts = compat.jaxpr_and_consts(body)
         outer_eqns, self.eqns = self.eqns, []
         invars = [self.new(v.aval) for v in jaxpr.invars]
         outvars = self.inline(jaxpr, consts, invars, source)
@@ -210,8 +219,9 @@ class _Builder:
 
 def from_closed_jaxpr(closed) -> Graph:
     b = _Builder()
-    invars = [b.new(v.aval) for v in closed.jaxpr.invars]
-    outvars = b.inline(closed.jaxpr, closed.consts, invars)
+    jaxpr, consts = compat.jaxpr_and_consts(closed)
+    invars = [b.new(v.aval) for v in jaxpr.invars]
+    outvars = b.inline(jaxpr, consts, invars)
     graph = Graph(invars, outvars, b.eqns, b.values)
     return dce(graph)
 

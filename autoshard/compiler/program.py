@@ -43,6 +43,36 @@ class Reshard:
     internal: bool = False      # run by the op's own lowering (halo exchange, ...), not a reshard
 
 
+@dataclass(frozen=True)
+class Fallback:
+    """One equation of a primitive autoshard has no rule for, computed on replicated operands.
+
+    ``reshards`` are the layout changes inserted to replicate its operands (gathers of split
+    operands, all-reduces of partial ones); ``wire_bytes`` is their per-device cost on the
+    wire (ring model, ``cost_model.wire_bytes``) each time the equation runs, and
+    ``replicated_bytes`` the per-device bytes of its operands once whole. Printing one gives
+    the warning ``parallelize`` emits.
+    """
+    primitive: str
+    source: str                 # user source line, "file.py:LINE (function)"
+    eqn: int                    # Eqn.index
+    reshards: tuple = ()        # tuple[Reshard, ...]
+    wire_bytes: float = 0.0
+    replicated_bytes: int = 0
+
+    @property
+    def fix(self) -> str:
+        return (f"teach autoshard the primitive with ash.register_rule('{self.primitive}', "
+                f"'<factor string, e.g. \"i j, j k -> i k\">') so it runs on the shards, or compute the "
+                f"value outside the parallelized function")
+
+    def __str__(self) -> str:
+        cost = (f"{self.wire_bytes:,.0f} bytes on the wire per device to replicate its operands"
+                if self.reshards else "its operands were already replicated")
+        return (f"autoshard has no sharding rule for primitive '{self.primitive}' used at {self.source}: "
+                f"computed on replicated operands ({cost}); {self.fix}")
+
+
 @dataclass
 class ShardedProgram:
     graph: Graph
@@ -65,6 +95,8 @@ class ShardedProgram:
     in_boundary: dict[Value, Layout] = field(default_factory=dict)
     notes: list = field(default_factory=list)                       # (kind, message, fix) for the report
     reshards: list[Reshard] = field(default_factory=list)
+    # Equations of primitives without a rule, computed on replicated operands (in program order).
+    fallbacks: list[Fallback] = field(default_factory=list)
     pass_seconds: dict[str, float] = field(default_factory=dict)
     # auto=True: the strategy the layout search chose per equation, and its statistics.
     auto_assignments: dict[int, tuple] = field(default_factory=dict)

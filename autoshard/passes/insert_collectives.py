@@ -22,7 +22,8 @@ from ..compiler.ops import get_rule, local_context, partial_passes
 from ..compiler.ops.constraint import constraint_spec
 from ..compiler.ops.control_flow import region_boundaries
 from ..compiler.planner import plan
-from ..compiler.program import Reshard
+from ..compiler.cost_model import wire_bytes
+from ..compiler.program import Fallback, Reshard
 from .propagate import eqn_tensors
 
 name = "insert_collectives"
@@ -209,10 +210,13 @@ class _Placer:
         p.assignments[eqn.index] = best
         reduced = result_partial(best, fr)
         where = f"{eqn.prim.name} at {eqn.source}"
+        first_reshard = len(p.reshards)
         for i, (v, t) in enumerate(zip(eqn.invars, tensors)):
             want = required_layout(t, best, fr, self.sizes, reduced)
             assert want is not None, f"chosen assignment not expressible on operand {i} of {where}"
             self.require(eqn, i, v, want, where)
+        if rule.fallback:
+            self.fallback(eqn, tuple(p.reshards[first_reshard:]))
         made = []
         for j, o in enumerate(eqn.outvars):
             base = required_layout(tensors[len(eqn.invars) + j], best, fr, self.sizes, reduced)
@@ -231,12 +235,25 @@ class _Placer:
                                           eqn.source, where, internal=True))
 
 
+    def fallback(self, eqn, reshards):
+        """Record an equation without a rule and what replicating its operands costs."""
+        wire = 0.0
+        for r in reshards:
+            for t in r.transforms:
+                if t.is_collective:
+                    payload = math.prod(t.in_shape) * r.value.dtype.itemsize
+                    wire += wire_bytes(t.kind, t.group_size(self.sizes), payload)
+        whole = sum(v.nbytes for v in eqn.invars)
+        self.p.fallbacks.append(Fallback(eqn.prim.name, eqn.source, eqn.index, reshards, wire, whole))
+
+
 def _place(program, eager) -> set:
     program.assignments.clear()
     program.operand_layouts.clear()
     program.produced.clear()
     program.post.clear()
     program.reshards.clear()
+    program.fallbacks.clear()
     program.region_outputs.clear()
     placer = _Placer(program, eager)
     graph = program.graph

@@ -30,10 +30,13 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 
+from .. import compat
 from ..compiler import ir
 from ..compiler.mesh import MeshInfo
+from ..compiler.ops import REFUSED, get_rule
 from ..compiler.ops.control_flow import drop_dead_loop_inputs
-from ..errors import PlanningOnlyError, ReshardWarning, RetraceWarning, ShardingError, SpecError
+from ..errors import (PlanningOnlyError, ReshardWarning, RetraceWarning, ShardingError, SpecError,
+                      UnsupportedPrimitiveError, UnsupportedPrimitiveWarning)
 from ..passes import pipeline
 from ..report import ShardingReport
 from .lower import lower_abstract, lower_to_jit
@@ -66,11 +69,12 @@ def flatten_specs(specs, tree, root: str, what: str):
 
 def _aval(x):
     """Shape and canonical dtype (float64 NumPy data is float32 unless jax_enable_x64 is on:
-    it is what ``device_put`` makes of it, so both spellings share one program)."""
+    it is what ``device_put`` makes of it, so both spellings share one program). Typed PRNG
+    keys (``jax.random.key``, extended dtypes) keep their dtype."""
     if isinstance(x, (jax.ShapeDtypeStruct, jax.Array, np.ndarray, np.generic)):
-        return jax.ShapeDtypeStruct(x.shape, jax.dtypes.canonicalize_dtype(x.dtype))
+        return jax.ShapeDtypeStruct(x.shape, compat.canonicalize_dtype(x.dtype))
     arr = np.asarray(x)
-    return jax.ShapeDtypeStruct(arr.shape, jax.dtypes.canonicalize_dtype(arr.dtype))
+    return jax.ShapeDtypeStruct(arr.shape, compat.canonicalize_dtype(arr.dtype))
 
 
 def _spec_key(specs):
@@ -114,8 +118,10 @@ class Compiled:
 
 class ParallelFunction:
     def __init__(self, fun, *, mesh, in_specs=None, out_specs=None, static_argnums=(),
-                 donate_argnums=(), auto=False, memory_budget=None, search_time_limit=10.0):
+                 donate_argnums=(), auto=False, memory_budget=None, search_time_limit=10.0, strict=False):
         self.fun = fun
+        # strict=True: a primitive without a sharding rule is an error, not a replicated fallback.
+        self.strict = bool(strict)
         self.mesh = mesh
         self.mesh_info = MeshInfo.of(mesh)
         self.in_specs = in_specs
@@ -206,6 +212,7 @@ class ParallelFunction:
             graph = ir.trace(flat_fun, avals)
         if drop_dead_loop_inputs(graph):     # loop operands no body reads (hoisted residuals)
             graph = ir.dce(graph)
+        _refuse_primitives_without_rule(graph, self.strict)
         out_tree = out_store["tree"]
         out_avals = jax.tree.unflatten(out_tree, [jax.ShapeDtypeStruct(v.shape, v.dtype) for v in graph.outvars])
         if self.out_specs is None:
@@ -218,6 +225,8 @@ class ParallelFunction:
         program = pipeline.compile(graph, self.mesh_info, flat_specs, out_specs, flat_paths, out_paths,
                                    auto=self.auto)
         program.pass_seconds["trace"] = trace_seconds
+        for fb in program.fallbacks:
+            warnings.warn(UnsupportedPrimitiveWarning(f"{self.__name__}: {fb}"), stacklevel=4)
         if isinstance(self.mesh, AbstractMesh):
             jitted, in_sh, out_sh = None, None, None
         else:
@@ -374,6 +383,24 @@ def _placed_avals(entry) -> list:
     return [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s) for a, s in zip(entry.avals, entry.in_shardings)]
 
 
+def _refuse_primitives_without_rule(graph, strict: bool):
+    """The first equation (in program order) the fallback cannot compute (``ops.REFUSED``), or
+    with ``strict=True`` the first whose primitive has no rule."""
+    for eqn in graph.all_eqns():
+        if eqn.prim.name in REFUSED:
+            raise UnsupportedPrimitiveError(
+                eqn.prim.name, eqn.source, detail=REFUSED[eqn.prim.name],
+                workaround="call the shard_map outside the parallelized function, or write its body "
+                           "with jax.numpy ops and let autoshard place it")
+        if strict and not eqn.subgraphs and get_rule(eqn).fallback:
+            raise UnsupportedPrimitiveError(
+                eqn.prim.name, eqn.source,
+                detail="strict=True refuses to compute it on replicated operands",
+                workaround=(f"teach autoshard the primitive: ash.register_rule('{eqn.prim.name}', "
+                            f"'<factor string, e.g. \"i j, j k -> i k\">'); or drop strict=True to compute "
+                            f"it on replicated operands (correct, with a warning and the cost in the report)"))
+
+
 def _from_host(value, sharding):
     """A global array from a host value every process holds whole (each fills its shards)."""
     return jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])
@@ -386,15 +413,22 @@ def _where(sharding) -> str:
 
 
 def parallelize(fun=None, *, mesh, in_specs=None, out_specs=None, static_argnums=(),
-                donate_argnums=(), auto=False, memory_budget=None, search_time_limit=10.0):
+                donate_argnums=(), auto=False, memory_budget=None, search_time_limit=10.0,
+                strict=False):
     """Compile single-device ``fun`` to the mesh. Decorator or call form.
 
     ``auto=True`` chooses every layout the annotations leave open by a MILP over the factor
     rules' strategies (``passes/auto_search.py``); ``memory_budget`` (bytes per device of the
     step's inputs, outputs and activations kept for backward) constrains it,
-    ``search_time_limit`` bounds the solver (seconds; the best plan found is used)."""
+    ``search_time_limit`` bounds the solver (seconds; the best plan found is used).
+
+    A primitive autoshard has no sharding rule for is computed on replicated operands (the
+    result is correct; an ``UnsupportedPrimitiveWarning``, a ``UserWarning``, names it and its
+    source line, and ``program.fallbacks`` what replicating costs); ``strict=True`` raises
+    ``UnsupportedPrimitiveError`` instead."""
     def wrap(f):
         return ParallelFunction(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
                                 static_argnums=static_argnums, donate_argnums=donate_argnums, auto=auto,
-                                memory_budget=memory_budget, search_time_limit=search_time_limit)
+                                memory_budget=memory_budget, search_time_limit=search_time_limit,
+                                strict=strict)
     return wrap if fun is None else wrap(fun)

@@ -21,6 +21,12 @@ product, major first; a dim of size 1 lists none and is never split.
 Each ``OpRule`` also says which operands may stay partial (``partial``, a
 ``kinds.PartialMode``, see ``partial_passes``) and how to localise params for the per-device
 program.
+
+A primitive with no rule gets ``FALLBACK``: every dim of every operand and result is a
+``replicate`` factor, so its operands are gathered (partials reduced) to ``B``, it runs on
+whole values with its own params on every device, and its results are ``B``: always correct,
+at the price of the collectives that replicate its operands (``ShardedProgram.fallbacks``
+lists them; ``parallelize(strict=True)`` refuses instead).
 """
 from __future__ import annotations
 
@@ -94,6 +100,8 @@ class OpRule:
     # (eqn, ctx) -> [(operand index, planner.Transform, reason)]. The report lists them with
     # the planned reshards; ``lower`` must run exactly these.
     internal: Callable | None = None
+    # True only for ``FALLBACK``: no rule is known, the equation runs on replicated operands.
+    fallback: bool = False
 
     def partial_mode(self, eqn) -> PartialMode:
         return PartialMode(self.partial(eqn)) if callable(self.partial) else self.partial
@@ -132,12 +140,29 @@ def local_context(eqn, in_layouts, out_layouts, axis_sizes) -> LocalContext:
         tuple(in_layouts), tuple(out_layouts), axis_sizes)
 
 
+def replicated_factors(eqn) -> FactorRule:
+    """Every dim of every operand and result its own ``replicate`` factor."""
+    fb = FactorBuilder()
+    return fb.build([[fb.new(s, "replicate") for s in v.shape] for v in eqn.invars],
+                    [[fb.new(s, "replicate") for s in o.shape] for o in eqn.outvars])
+
+
+#: The rule of a primitive autoshard knows nothing about: computed on replicated operands.
+FALLBACK = OpRule(replicated_factors, fallback=True)
+
+
+#: Primitives the fallback cannot compute either: ``parallelize`` raises
+#: ``UnsupportedPrimitiveError`` with this detail (strict or not) instead of failing in lowering.
+REFUSED: dict[str, str] = {
+    "shard_map": ("a jax.shard_map inside a parallelized function is not supported yet (its body is "
+                  "per-device code that cannot be re-bound inside autoshard's own shard_map)"),
+}
+
+
 def get_rule(eqn) -> OpRule:
+    """The rule for ``eqn``'s primitive; ``FALLBACK`` (``rule.fallback``) when it has none."""
     _load_families()
-    rule = RULES.get(eqn.prim.name)
-    if rule is None:
-        raise UnsupportedPrimitiveError(eqn.prim.name, eqn.source)
-    return rule
+    return RULES.get(eqn.prim.name, FALLBACK)
 
 
 def extreme_value(dtype, low: bool):
@@ -193,4 +218,4 @@ def _load_families():
     if not _LOADED:
         _LOADED = True
         from . import constraint, control_flow, dot, elementwise, indexing, random, reduction, shape, conv  # noqa: F401
-        from . import sort  # noqa: F401
+        from . import linalg, sort  # noqa: F401

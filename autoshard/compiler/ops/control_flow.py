@@ -207,12 +207,9 @@ def _reads(graph) -> set:
 def _dce_closed(closed, keep):
     """``closed`` without the inputs ``keep`` drops (they must be unused), or None when JAX's
     own DCE finds a dropped input used."""
-    from jax._src.interpreters import partial_eval as pe
-    from jax.extend import core as jcore
-    jaxpr, used = pe.dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars), instantiate=list(keep))
-    if list(used) != list(keep):
-        return None
-    return jcore.ClosedJaxpr(jaxpr, closed.consts)
+    from ... import compat
+    body, used = compat.dce_closed_jaxpr(closed, keep)
+    return body if list(used) == list(keep) else None
 
 
 def drop_dead_loop_inputs(graph) -> bool:

@@ -25,12 +25,17 @@ _UNARY = [
     "population_count", "clz", "erf", "erfc", "erf_inv", "lgamma", "digamma", "square",
     "integer_pow", "reduce_precision", "bessel_i0e", "bessel_i1e", "copy", "copy_p",
     "stop_gradient", "bitcast_convert_type_same_width",
+    # jax 0.12: tanh/asin/acos/atanh/gelu derivatives bind one_minus_square (1 - x**2);
+    # jnp.log2 binds log2. ``name`` is jax.ad_checkpoint.checkpoint_name (identity).
+    "one_minus_square", "log2", "name",
 ]
 _BINARY = [
     "add", "add_any", "sub", "mul", "div", "rem", "pow", "max", "min", "and", "or", "xor",
     "eq", "ne", "lt", "le", "gt", "ge", "atan2", "nextafter", "shift_left",
     "shift_right_logical", "shift_right_arithmetic", "complex", "igamma", "igammac",
     "igamma_grad_a", "random_gamma_grad", "polygamma", "zeta", "mulhi", "select_n", "clamp",
+    # jax 0.12: polynomial(x, *coeffs) (Horner's rule; erf's derivative), broadcasting.
+    "polynomial", "regularized_incomplete_beta",
 ]
 
 
@@ -54,7 +59,7 @@ _PARTIAL_MODE = {
     # for ``-x.max(axis)`` with ``axis`` split), so only sums pass. reduce_precision rounds
     # each partial sum apart (wrong sums); it is monotone, so maxima pass.
     "neg": PartialMode.UNARY_SUM, "copy": PartialMode.UNARY_ANY, "copy_p": PartialMode.UNARY_ANY,
-    "stop_gradient": PartialMode.UNARY_ANY, "reduce_precision": PartialMode.UNARY_MAX,
+    "stop_gradient": PartialMode.UNARY_ANY, "name": PartialMode.UNARY_ANY, "reduce_precision": PartialMode.UNARY_MAX,
     "real": PartialMode.UNARY_SUM, "imag": PartialMode.UNARY_SUM, "conj": PartialMode.UNARY_SUM,
     "add": PartialMode.SAME_SUM, "add_any": PartialMode.SAME_SUM, "sub": PartialMode.SAME_SUM,
     "mul": PartialMode.ONE_SUM, "div": PartialMode.FIRST_SUM,
@@ -89,3 +94,21 @@ def _convert_partial_mode(eqn):
 
 
 register(lax.convert_element_type_p, partial=_convert_partial_mode)(elementwise_factors)
+
+
+# -- identity on each operand: device_put, optimization_barrier --------------------------------
+def pairwise_factors(eqn):
+    """Result ``i`` is operand ``i``: each pair shares its dims' factors."""
+    fb = FactorBuilder()
+    dims = [[fb.new(s) for s in v.shape] for v in eqn.invars]
+    return fb.build(dims, dims)
+
+
+def _lower_identity(eqn, ctx, args):
+    # ``jax.device_put`` inside a traced function names devices or a global sharding; in the
+    # per-device program the value is already where the plan puts it.
+    return list(args)
+
+
+register("device_put", lower=_lower_identity)(pairwise_factors)
+register("optimization_barrier")(pairwise_factors)

@@ -204,6 +204,7 @@ def scatter_add_factors(eqn):
     return _scatter_factors(eqn, FactorKind.SUM)
 
 
-@register("scatter", "scatter-mul", "scatter_mul", "scatter-min", "scatter_min", "scatter-max", "scatter_max")
+@register("scatter", "scatter-mul", "scatter_mul", "scatter-min", "scatter_min", "scatter-max", "scatter_max",
+          "scatter-sub")
 def scatter_factors(eqn):
     return _scatter_factors(eqn, FactorKind.REPLICATE)

@@ -24,8 +24,29 @@ from .elementwise import elementwise_factors
 from .. import collectives
 from ..kinds import FactorKind
 
-for _name in ("random_seed", "random_fold_in", "threefry2x32"):
+# random_clone copies keys.
+for _name in ("random_seed", "random_fold_in", "threefry2x32", "random_clone"):
     register(_name)(elementwise_factors)
+
+
+@register("random_gamma")
+def random_gamma_factors(eqn):
+    """``random_gamma key[K...], a[K..., R...]``: each key is split over the trailing ``R``
+    dims of ``a`` (by their linear index), so the key dims pass and ``R`` stays whole."""
+    key, a = eqn.invars[0].shape, eqn.invars[1].shape
+    fb = FactorBuilder()
+    lead = [fb.new(s) for s in key]
+    dims = lead + [fb.new(s, "replicate") for s in a[len(key):]]
+    return fb.build([lead, dims], [dims])
+
+
+@register("rng_bit_generator")
+def stateful_rng_factors(eqn):
+    """XLA's own generator (``rbg`` keys, ``lax.rng_bit_generator``): values depend on the whole
+    output shape, so results are made whole on every device (``replicate``)."""
+    fb = FactorBuilder()
+    return fb.build([[fb.new(s, "replicate") for s in v.shape] for v in eqn.invars],
+                    [[fb.new(s, "replicate") for s in o.shape] for o in eqn.outvars])
 
 
 def _bitcast_factors(eqn):

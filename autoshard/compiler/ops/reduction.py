@@ -49,3 +49,18 @@ def _along_axis_factors(eqn):
 
 for _name in ("cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"):
     register(_name)(_along_axis_factors)
+
+
+@register("reduce")
+def generic_reduce_factors(eqn):
+    """``lax.reduce`` with a computation of its own (several operands, or a monoid JAX does not
+    name): ``reduce[dimensions] x_1..x_n, init_1..init_n``. No collective combines partial
+    results of an arbitrary computation, so reduced dims stay whole (``replicate``); the
+    others pass through."""
+    n = len(eqn.outvars)
+    shape = eqn.invars[0].shape
+    axes = set(eqn.params["dimensions"])
+    fb = FactorBuilder()
+    operand = [fb.new(s, "replicate" if d in axes else "pass") for d, s in enumerate(shape)]
+    result = [f for d, f in enumerate(operand) if d not in axes]
+    return fb.build([operand] * n + [()] * (len(eqn.invars) - n), [result] * n)

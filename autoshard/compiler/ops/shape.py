@@ -213,3 +213,41 @@ def dynamic_update_slice_factors(eqn):
 @register("empty2")
 def empty_factors(eqn):
     return FactorBuilder().build([], [[] for _ in eqn.outvars])
+
+
+# -- stack / unstack / tile -----------------------------------------------------------------
+# ``jnp.stack`` binds ``stack`` since jax 0.10.1, and jax 0.12 unpacks arrays (``list(x)``,
+# ``jax.random.split`` of typed keys) with ``unstack``. The stacked dim is made whole from
+# (or cut into) separate tensors: a ``replicate`` factor; every other dim passes through.
+@register("stack", partial="same_sum")
+def stack_factors(eqn):
+    axis = eqn.params["axis"]
+    fb = FactorBuilder()
+    dims = [fb.new(s) for s in eqn.invars[0].shape]
+    result = dims[:axis] + [fb.new(eqn.outvars[0].shape[axis], "replicate")] + dims[axis:]
+    return fb.build([dims] * len(eqn.invars), [result])
+
+
+@_structural("unstack")
+def unstack_factors(eqn):
+    axis = eqn.params["axis"]
+    fb = FactorBuilder()
+    dims = [fb.new(s) for s in eqn.outvars[0].shape]
+    operand = dims[:axis] + [fb.new(eqn.invars[0].shape[axis], "replicate")] + dims[axis:]
+    return fb.build([operand], [dims] * len(eqn.outvars))
+
+
+@_structural("tile")
+def tile_factors(eqn):
+    """``jnp.tile``: a dim repeated ``reps[d] > 1`` times is copied whole (``replicate``)."""
+    fb = FactorBuilder()
+    operand, result = [], []
+    for size, reps in zip(eqn.invars[0].shape, eqn.params["reps"]):
+        if reps == 1:
+            f = fb.new(size)
+            operand.append(f)
+            result.append(f)
+        else:
+            operand.append(fb.new(size, "replicate"))
+            result.append(fb.new(size * reps, "replicate"))
+    return fb.build([operand], [result])

@@ -98,11 +98,13 @@ def linen_lm():
 # ----------------------------------------------------------------------------- linen CNN
 
 class CNN(nn.Module):
-    """flax examples/mnist."""
+    """flax examples/mnist, with a batch norm in training mode (statistics over the whole
+    batch, which dp and fsdp split)."""
 
     @nn.compact
     def __call__(self, x):
         x = nn.Conv(features=8, kernel_size=(3, 3), name="conv1")(x)
+        x = nn.BatchNorm(use_running_average=False, name="bn1")(x)
         x = nn.relu(x)
         x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
         x = nn.Conv(features=16, kernel_size=(3, 3), name="conv2")(x)
@@ -125,16 +127,19 @@ CNN_TP = [
 
 
 @register("flax_linen/mnist_cnn", "flax.linen",
-          "conv 8-16 (3x3), dense 32-10, 16x16x1 images, batch 16", CNN_TP)
+          "conv 8 (3x3) + batch norm (training mode), conv 16, dense 32-10, 16x16x1 images, batch 16", CNN_TP)
 def linen_cnn():
     model = CNN()
     rng = np.random.default_rng(1)
     batch = {"image": rng.normal(size=(BATCH, 16, 16, 1)).astype(np.float32),
              "label": rng.integers(0, 10, (BATCH,), dtype=np.int32)}
-    params = model.init(jax.random.PRNGKey(0), batch["image"])["params"]
+    variables = model.init(jax.random.PRNGKey(0), batch["image"])
+    params, stats = variables["params"], variables["batch_stats"]
 
     def loss(params, batch):
-        return lm_loss(model.apply({"params": params}, batch["image"]), batch["label"])
+        logits, _ = model.apply({"params": params, "batch_stats": stats}, batch["image"],
+                                mutable=["batch_stats"])
+        return lm_loss(logits, batch["label"])
     return Built(params, batch, loss)
 
 

@@ -30,7 +30,6 @@ from partition_rules import STRATEGIES, Rule, batch_specs, specs_from_rules, str
 LR = 1e-3
 LIBRARY_MODULES = ("zoo_transformers", "zoo_keras_hub", "zoo_haiku", "zoo_equinox", "zoo_penzai",
                    "zoo_flax", "zoo_recurrentgemma")
-JAX_VERSION = tuple(int(p) for p in jax.__version__.split(".")[:3])
 #: Meshes of 8 simulated CPU devices; tp splits the batch over ``data`` too.
 MESHES = {"dp": {"data": 8}, "fsdp": {"data": 8}, "tp": {"data": 2, "model": 4}}
 
@@ -44,14 +43,44 @@ class Built:
 
 @dataclasses.dataclass
 class XFail:
+    """A known engine gap: the case fails (with ``raises``) wherever ``present`` is true."""
     reason: str
-    strategies: tuple = STRATEGIES
-    jax_min: tuple = (0,)            # applies on JAX versions in [jax_min, jax_below)
-    jax_below: tuple = (99,)
+    present: bool = True
     raises: type | tuple | None = None
+    strategies: tuple = STRATEGIES
 
     def applies(self, strategy: str) -> bool:
-        return strategy in self.strategies and self.jax_min <= JAX_VERSION < self.jax_below
+        return self.present and strategy in self.strategies
+
+
+# ----------------------------------------------------------------------------- engine gaps
+# What the installed JAX binds that autoshard (today) has no rule or schema for. Detected
+# from JAX itself rather than from version numbers; each model lists the gaps its step hits
+# (tests/zoo/README.md has a minimal reproducer for each).
+
+def _scan_params():
+    return jax.make_jaxpr(lambda c: jax.lax.scan(lambda c, _: (c, None), c, None, length=1))(0.0).eqns[0].params
+
+
+from jax._src.lax import lax as _lax  # noqa: E402
+
+SCAN_FT_PARAMS = "num_consts" not in _scan_params()             # JAX >= 0.11: ft_in / ft_out
+HAS_ONE_MINUS_SQUARE = hasattr(_lax, "one_minus_square_p")      # tanh's derivative (0.12)
+HAS_POLYNOMIAL = hasattr(_lax, "polynomial_p")                  # erf / erfc derivatives (0.12)
+HAS_EVAL_JAXPR = hasattr(jax._src.core, "eval_jaxpr_p")         # closed_call's new name (0.12)
+
+TYPED_KEY = XFail("a typed PRNG key argument (jax.random.key) crashes in runtime/executable.py:_aval "
+                  "(canonicalize_dtype on an extended dtype)", raises=ValueError)
+STACK = XFail("no rule for the primitives 'stack' and 'unstack' (jnp.stack / jnp.unstack bind them "
+              "since JAX 0.10.1)", raises=ash.UnsupportedPrimitiveError)
+SCAN_SCHEMA = XFail("scan's params are ft_in/ft_out (JAX >= 0.11), autoshard reads num_consts/num_carry "
+                    "(KeyError: 'num_consts')", present=SCAN_FT_PARAMS, raises=KeyError)
+ONE_MINUS_SQUARE = XFail("no rule for the primitive 'one_minus_square' (tanh's derivative: tanh GELU, "
+                         "LSTM/GRU gates)", present=HAS_ONE_MINUS_SQUARE, raises=ash.UnsupportedPrimitiveError)
+POLYNOMIAL = XFail("no rule for the primitive 'polynomial' (erf/erfc derivatives: exact GELU)",
+                   present=HAS_POLYNOMIAL, raises=ash.UnsupportedPrimitiveError)
+EVAL_JAXPR_UNSTACK = XFail("no rule for the primitives 'eval_jaxpr' (closed_call's new name) and 'unstack'",
+                           present=HAS_EVAL_JAXPR, raises=ash.UnsupportedPrimitiveError)
 
 
 @dataclasses.dataclass
@@ -65,7 +94,13 @@ class ZooModel:
     slow: bool = False
 
     def xfail(self, strategy: str) -> XFail | None:
-        return next((x for x in self.xfails if x.applies(strategy)), None)
+        """The gaps this case hits on the installed JAX, merged into one (None if none)."""
+        hits = [x for x in self.xfails if x.applies(strategy)]
+        if not hits:
+            return None
+        raises = tuple(dict.fromkeys(r for x in hits for r in
+                                     (x.raises if isinstance(x.raises, tuple) else (x.raises,))))
+        return XFail("; ".join(x.reason for x in hits), raises=None if None in raises else raises)
 
 
 REGISTRY: dict[str, ZooModel] = {}
@@ -98,6 +133,7 @@ def optimizer():
 
 
 def make_step(loss):
+    """The checked step: ``(loss, grads, new params, new optimizer state)``."""
     opt = optimizer()
 
     def step(params, opt_state, batch):
@@ -105,6 +141,16 @@ def make_step(loss):
         updates, opt_state = opt.update(grads, opt_state, params)
         return value, grads, optax.apply_updates(params, updates), opt_state
     return step
+
+
+def make_train_step(loss):
+    """The benchmarked train step: ``(loss, new params, new optimizer state)``."""
+    step = make_step(loss)
+
+    def train_step(params, opt_state, batch):
+        value, _, params, opt_state = step(params, opt_state, batch)
+        return value, params, opt_state
+    return train_step
 
 
 def setup(model: ZooModel, strategy: str):

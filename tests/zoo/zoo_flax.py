@@ -9,7 +9,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from harness import Built, register
+from harness import ONE_MINUS_SQUARE, TYPED_KEY, Built, register
 
 VOCAB, D, HEADS, MLP, SEQ, LAYERS, BATCH = 64, 32, 4, 64, 16, 2, 16
 
@@ -29,26 +29,29 @@ def lm_loss(logits, labels):
 
 class MlpBlock(nn.Module):
     mlp_dim: int
+    dropout: float = 0.0
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, deterministic):
         d = x.shape[-1]
         x = nn.Dense(self.mlp_dim, name="wi")(x)
         x = nn.gelu(x)
+        x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
         return nn.Dense(d, name="wo")(x)
 
 
 class DecoderBlock(nn.Module):
     heads: int
     mlp_dim: int
+    dropout: float = 0.0
 
     @nn.compact
-    def __call__(self, x, mask):
+    def __call__(self, x, mask, deterministic):
         y = nn.LayerNorm(name="ln1")(x)
         y = nn.MultiHeadDotProductAttention(num_heads=self.heads, name="attn")(y, y, mask=mask)
-        x = x + y
+        x = x + nn.Dropout(self.dropout)(y, deterministic=deterministic)
         y = nn.LayerNorm(name="ln2")(x)
-        return x + MlpBlock(self.mlp_dim, name="mlp")(y)
+        return x + MlpBlock(self.mlp_dim, self.dropout, name="mlp")(y, deterministic)
 
 
 class TransformerLM(nn.Module):
@@ -58,15 +61,16 @@ class TransformerLM(nn.Module):
     mlp_dim: int
     layers: int
     max_len: int
+    dropout: float = 0.0
 
     @nn.compact
-    def __call__(self, tokens):
+    def __call__(self, tokens, deterministic=True):
         embed = nn.Embed(self.vocab, self.d, name="embed")
         pos = self.param("pos_embedding", nn.initializers.normal(0.02), (self.max_len, self.d))
         x = embed(tokens) + pos[None, : tokens.shape[1]]
         mask = nn.make_causal_mask(tokens)
         for i in range(self.layers):
-            x = DecoderBlock(self.heads, self.mlp_dim, name=f"block_{i}")(x, mask)
+            x = DecoderBlock(self.heads, self.mlp_dim, self.dropout, name=f"block_{i}")(x, mask, deterministic)
         x = nn.LayerNorm(name="ln_f")(x)
         return embed.attend(x)
 
@@ -83,15 +87,19 @@ LINEN_TP = [
 
 
 @register("flax_linen/lm1b_decoder", "flax.linen",
-          f"vocab {VOCAB}, d {D}, {HEADS} heads, mlp {MLP}, {LAYERS} layers, seq {SEQ}, batch {BATCH}",
-          LINEN_TP)
+          f"vocab {VOCAB}, d {D}, {HEADS} heads, mlp {MLP}, {LAYERS} layers, dropout 0.1 (typed key "
+          f"jax.random.key in the batch), seq {SEQ}, batch {BATCH}",
+          LINEN_TP, xfails=[TYPED_KEY, ONE_MINUS_SQUARE])
 def linen_lm():
-    model = TransformerLM(VOCAB, D, HEADS, MLP, LAYERS, SEQ)
+    model = TransformerLM(VOCAB, D, HEADS, MLP, LAYERS, SEQ, dropout=0.1)
     batch = _tokens()
     params = model.init(jax.random.PRNGKey(0), batch["tokens"])["params"]
+    batch["dropout_key"] = jax.random.key(1)     # the spelling JAX recommends
 
     def loss(params, batch):
-        return lm_loss(model.apply({"params": params}, batch["tokens"]), batch["labels"])
+        logits = model.apply({"params": params}, batch["tokens"], deterministic=False,
+                             rngs={"dropout": batch["dropout_key"]})
+        return lm_loss(logits, batch["labels"])
     return Built(params, batch, loss)
 
 
@@ -190,7 +198,7 @@ NNX_TP = [
 
 @register("flax_nnx/minigpt", "flax.nnx",
           f"vocab {VOCAB}, d {D}, {HEADS} heads, mlp {MLP}, {LAYERS} layers, seq {SEQ}, batch {BATCH}",
-          NNX_TP)
+          NNX_TP, xfails=[ONE_MINUS_SQUARE])
 def nnx_minigpt():
     model = MiniGPT(VOCAB, D, HEADS, MLP, LAYERS, SEQ, nnx.Rngs(0))
     graphdef, params_state, rest = nnx.split(model, nnx.Param, ...)

@@ -66,8 +66,9 @@ REASONS: dict[str, str] = {
     "dce_sink": EFFECT_ONLY,
     "after_all": TOKENS, "create_token": TOKENS,
     "check": CHECKIFY,
-    # a user's own kernels and partitioning: rules are the user's (register_rule)
-    "pallas_call": FALLBACK, "custom_partitioning": FALLBACK, "core_map": FALLBACK,
+    # a user's own kernels: rules are the user's (register_rule). pallas_call and
+    # custom_partitioning have rules (ops/custom.py: a registered kernel's or the function's own)
+    "core_map": FALLBACK,
     "mpmd_map": FALLBACK, "fusible": FALLBACK, "custom_fusion": FALLBACK, "tpu_custom_call": LOWERING_ONLY,
     "shard_map": NESTED_SHARD_MAP,
     # rarely used ops computed whole

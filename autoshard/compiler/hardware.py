@@ -274,12 +274,13 @@ _CPU = HardwareModel(
                       "not a hardware figure: autoshard's generic rate (auto_search.DEFAULT_POINTS_PER_SECOND, "
                       "1e12 points/s = 2e12 FLOP/s), kept so CPU plans and benchmarks are unchanged; simulated "
                       "devices share the host's cores: ash.calibrate(mesh) measures them"),
-    f32_flops=Figure(2 * GENERIC_POINTS_PER_SECOND, "as bf16 (autoshard's generic rate)"),
+    f32_flops=Figure(2 * GENERIC_POINTS_PER_SECOND, "not a hardware figure: as bf16, autoshard's generic rate"),
     ici_bandwidth=Figure(_GENERIC_LINK.bandwidth_bytes_per_s,
                          "not a hardware figure: autoshard's LinkModel() default, kept for CPU meshes"),
     ici_latency=Figure(_GENERIC_LINK.latency_s, "not a hardware figure: autoshard's LinkModel() default"),
-    dcn_bandwidth=Figure(_GENERIC_LINK.bandwidth_bytes_per_s, "as ici (a CPU mesh has no second tier here)"),
-    dcn_latency=Figure(_GENERIC_LINK.latency_s, "as ici"))
+    dcn_bandwidth=Figure(_GENERIC_LINK.bandwidth_bytes_per_s,
+                         "not a hardware figure: as ici (LinkModel() default; no second tier on a CPU mesh)"),
+    dcn_latency=Figure(_GENERIC_LINK.latency_s, "not a hardware figure: as ici (LinkModel() default)"))
 
 #: Every entry, for listing (``python -m autoshard.compiler.hardware`` prints them).
 TABLE = {m.name: m for _, _, m in _ENTRIES} | {"cpu": _CPU}

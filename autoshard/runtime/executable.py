@@ -31,6 +31,7 @@ import numpy as np
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 
 from ..compiler import ir, pipeline
+from ..compiler.hardware import costs_for
 from ..compiler.mesh import MeshInfo
 from ..compiler.ops.control_flow import drop_dead_loop_inputs
 from ..errors import PlanningOnlyError, ReshardWarning, RetraceWarning, ShardingError, SpecError
@@ -112,10 +113,13 @@ class Compiled:
 
 class ParallelFunction:
     def __init__(self, fun, *, mesh, in_specs=None, out_specs=None, static_argnums=(),
-                 donate_argnums=(), auto=False, memory_budget=None, search_time_limit=10.0):
+                 donate_argnums=(), auto=False, memory_budget=None, search_time_limit=10.0, costs=None):
         self.fun = fun
         self.mesh = mesh
-        self.mesh_info = MeshInfo.of(mesh)
+        # Link and compute rates: ``costs`` (a Calibration or HardwareModel), else the table
+        # entry of the mesh's device kind (compiler/hardware.py; "cpu" keeps the old defaults).
+        self.costs = costs_for(mesh, costs)
+        self.mesh_info = MeshInfo.of(mesh, self.costs.links_for(mesh), self.costs.source)
         self.in_specs = in_specs
         self.out_specs = out_specs
         self.static_argnums = tuple(static_argnums) if not isinstance(static_argnums, int) else (static_argnums,)
@@ -125,6 +129,7 @@ class ParallelFunction:
         # auto=True: every layout not annotated is chosen by the MILP search (passes/auto_search).
         # ``auto`` may also be a dict of the search's options (``compute_rate``, ...).
         self.auto = ({"memory_budget": memory_budget, "time_limit": float(search_time_limit),
+                      "compute_rate": self.costs.compute_rate,
                       **(auto if isinstance(auto, dict) else {})} if auto else None)
         self._cache: dict = {}
         self.trace_count = 0
@@ -368,15 +373,18 @@ def _where(sharding) -> str:
 
 
 def parallelize(fun=None, *, mesh, in_specs=None, out_specs=None, static_argnums=(),
-                donate_argnums=(), auto=False, memory_budget=None, search_time_limit=10.0):
+                donate_argnums=(), auto=False, memory_budget=None, search_time_limit=10.0, costs=None):
     """Compile single-device ``fun`` to the mesh. Decorator or call form.
 
     ``auto=True`` chooses every layout the annotations leave open by a MILP over the factor
     rules' strategies (``passes/auto_search.py``); ``memory_budget`` (bytes per device of the
     step's inputs, outputs and activations kept for backward) constrains it,
-    ``search_time_limit`` bounds the solver (seconds; the best plan found is used)."""
+    ``search_time_limit`` bounds the solver (seconds; the best plan found is used).
+    ``costs`` prices collectives and work: ``ash.calibrate(mesh)``'s result, a
+    ``HardwareModel`` or a device-kind string; default the table entry of the mesh's device
+    kind (``compiler/hardware.py``); ``report.cost_model_source`` names it."""
     def wrap(f):
         return ParallelFunction(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
                                 static_argnums=static_argnums, donate_argnums=donate_argnums, auto=auto,
-                                memory_budget=memory_budget, search_time_limit=search_time_limit)
+                                memory_budget=memory_budget, search_time_limit=search_time_limit, costs=costs)
     return wrap if fun is None else wrap(fun)

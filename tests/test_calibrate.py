@@ -129,3 +129,32 @@ def test_parallelize_prices_with_the_calibration_and_the_report_says_so(calib, m
     assert h100.total_wire_bytes == default.total_wire_bytes
     with pytest.raises(TypeError, match="costs="):
         costs_for(mesh, object())
+
+
+def _gpt(n_layers):
+    from autoshard.models import get_model
+    m = get_model("gpt")
+    cfg = m.Config(vocab_size=128, d_model=32, n_heads=8, seq_len=16, n_layers=n_layers)
+    model_def, params = m.init(cfg, seed=0)
+    optimizer = m.default_optimizer()
+    return m.make_train_step(model_def, optimizer), (params, optimizer.init(params), m.make_batch(cfg, 8))
+
+
+@pytest.mark.slow
+def test_auto_on_the_gpt_shards_or_says_in_numbers_why_not(calib, mesh):
+    """With the measured CPU costs the search either splits some layer or the summary gives
+    the numbers that make replication win; with the default (generic) CPU costs it
+    replicates, and says why. (Two MILP solves, ~20 s on two shared cores: -m slow.)"""
+    from autoshard.passes.auto_search import describe_layers, replication_note
+    step, args = _gpt(1)
+    batch = {"tokens": P("data", None), "labels": P("data", None)}
+    for costs in (calib, None):
+        pf = ash.parallelize(step, mesh=mesh, in_specs=(None, None, batch), auto=True, costs=costs)
+        rep = pf.report(*args)
+        split = any(not w.startswith("replicated") for w in describe_layers(rep.program).values())
+        note = replication_note(rep.program)
+        assert split != (note is not None), (split, note)
+        if note:
+            assert "why replicated: compute" in rep.summary() and "pays for" in note
+        if costs is None:
+            assert not split and "at 1e+12 points/s" in note

@@ -105,7 +105,12 @@ class HardwareModel:
             return (f"fallback: no table entry for device kind {self.device_kind!r}; autoshard's generic "
                     f"defaults ({self.ici_latency.value * 1e6:g} us, {self.ici_bandwidth.value / 1e9:g} GB/s per "
                     f"axis, {self.compute_rate:.3g} points/s); ash.calibrate(mesh) measures the real ones")
-        return f"table: {self.name} (autoshard/compiler/hardware.py; peak figures from vendor datasheets)"
+        if all(f.startswith("not a hardware figure") for f in self.sources().values()):
+            return (f"table: {self.name} (autoshard's generic defaults, not hardware figures; "
+                    f"ash.calibrate(mesh) measures this machine)")
+        estimated = sum(f.startswith("estimate") for f in self.sources().values())
+        return (f"table: {self.name} (autoshard/compiler/hardware.py: vendor peak figures"
+                + (f", {estimated} of 6 estimated" if estimated else "") + ")")
 
     def links_for(self, mesh, inter_node_axes=None) -> dict[str, LinkModel]:
         """``{axis: LinkModel}`` for ``mesh``: ``ici`` for axes inside a node / slice, ``dcn``

@@ -1072,6 +1072,9 @@ class ShardingReport:
                      f"{self.estimated_step_seconds()['total_s'] * 1e3:.3f} ms")
             for layer, words in self.layer_strategies().items():
                 text += f"\n  {layer}: {words}"
+            from ..passes.auto_search import replication_note
+            if note := replication_note(self.program):
+                text += f"\n  {note}"
         return text
 
     def layer_strategies(self) -> dict[str, str]:

@@ -780,6 +780,30 @@ def estimated_step_seconds(program, compute_rate=DEFAULT_POINTS_PER_SECOND) -> d
     return {"compute_s": compute / compute_rate, "comm_s": comm, "total_s": compute / compute_rate + comm}
 
 
+def replication_note(program) -> str | None:
+    """Why the search left every layer replicated, in the search's own numbers (``None`` when
+    some layer is split): the step's compute at ``compute_rate``, the most that splitting all
+    of it over the mesh could save, and how many of the cheapest all-reduces that would pay
+    for (a split train step needs at least one per gradient it reduces)."""
+    if getattr(program, "search", None) is None:
+        return None
+    words = describe_layers(program)
+    if not words or any(not w.startswith("replicated") for w in words.values()):
+        return None
+    rate = getattr(program, "search_compute_rate", DEFAULT_POINTS_PER_SECOND)
+    est = estimated_step_seconds(program, rate)
+    sizes = {a: n for a, n in program.axis_sizes.items() if n > 1}
+    if not sizes:
+        return None
+    devices = math.prod(sizes.values())
+    saving = est["compute_s"] * (1 - 1 / devices)
+    cheapest = min(((program.mesh.link(a).time("all-reduce", n, 0.0), a) for a, n in sizes.items()))
+    return (f"why replicated: compute {est['compute_s'] * 1e3:.4g} ms at {rate:.3g} points/s per device; splitting "
+            f"all of it over the {devices} devices would save at most {saving * 1e3:.4g} ms, which pays for "
+            f"{int(saving // cheapest[0])} all-reduce(s) of the cheapest kind (over {cheapest[1]}: "
+            f"{cheapest[0] * 1e3:.4g} ms of latency each); collectives here cost {est['comm_s'] * 1e3:.4g} ms")
+
+
 def describe_layers(program) -> dict[str, str]:
     """The chosen strategy per layer in words, read off the matmuls that use parameters:
     ``{"blocks.0.attn": "Megatron tensor parallel over model (column q,k,v; row out); batch

@@ -64,6 +64,15 @@ def test_unknown_kind_falls_back_and_says_so(kind):
     assert all(s.startswith("estimate") for s in hw.sources().values())
 
 
+def test_links_for_a_mesh_inter_node_axes_take_the_dcn_link(mesh):
+    hw = hardware_for("TPU v5p")
+    assert hw.links_for(mesh) == {"data": hw.ici, "model": hw.ici}       # one process, no slices
+    assert hw.links_for(mesh, inter_node_axes=("data",)) == {"data": hw.dcn, "model": hw.ici}
+    planning = ash.abstract_mesh("data=4,model=512")                      # no devices: local kind
+    assert costs_for(planning).source.startswith("table: cpu")
+    assert hw.links_for(planning) == {"data": hw.ici, "model": hw.ici}
+
+
 def test_markdown_table_lists_every_entry():
     text = markdown_table()
     for name in TABLE:

@@ -39,7 +39,9 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from .cost_model import LinkModel
 
@@ -133,10 +135,9 @@ class HardwareModel:
 
 
 def _crossing_axes(mesh):
-    devices = getattr(mesh, "devices", None)
-    if devices is None or not hasattr(devices, "shape"):
+    if not isinstance(mesh, Mesh):
         return ()                                   # AbstractMesh: no devices to look at
-    grid = np.asarray(devices)
+    grid = np.asarray(mesh.devices)
     flat = list(grid.flat)
     use_slices = all(getattr(d, "slice_index", None) is not None for d in flat)
     procs = [d.process_index for d in flat]
@@ -316,10 +317,8 @@ def hardware_for(device_kind: str) -> HardwareModel:
 def mesh_device_kind(mesh) -> str:
     """The device kind of ``mesh`` (its first device; an ``AbstractMesh`` has none: the local
     backend's kind, which is what a plan made here would run on by default)."""
-    devices = getattr(mesh, "devices", None)
-    if devices is not None and hasattr(devices, "flat"):
-        return next(iter(devices.flat)).device_kind
-    import jax
+    if isinstance(mesh, Mesh):
+        return next(iter(mesh.devices.flat)).device_kind
     return jax.devices()[0].device_kind
 
 

@@ -17,7 +17,7 @@ What differs, and where it shows:
 - 0.12 checks that ``ppermute`` names mesh axes in mesh order (autoshard's collectives always
   do; :func:`ppermute_any_axis_order` lifts the check where a test names them out of order).
 - The compiled-HLO text of XLA's own SPMD partitioner prints replica groups as
-  ``mesh[...] {'a','c'}`` in 0.12 where 0.10 printed ``device_ids=(...)``; ``runtime/hlo.py``
+  ``mesh[...] {'a','c'}`` in 0.12 where 0.10 printed ``device_ids=(...)``; ``report/hlo.py``
   parses both, so no helper is needed. Likewise 0.12's StableHLO (``pf.lower().as_text()``)
   names mesh axes (``#stablehlo.replica_group_mesh_axes``) where 0.10 listed device ids.
 - Not differences for autoshard, recorded so nobody adds a check for them: ``jit``'s ``inline``

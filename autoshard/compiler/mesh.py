@@ -73,19 +73,22 @@ def abstract_mesh(shape) -> AbstractMesh:
 
 @dataclass(frozen=True)
 class MeshInfo:
-    """What the compiler needs of a mesh: ordered axis names and sizes, link models."""
+    """What the compiler needs of a mesh: ordered axis names and sizes, link models, and
+    where those models come from (``cost_source``: a table entry, a calibration, defaults)."""
     axis_names: tuple[str, ...]
     axis_sizes: tuple[int, ...]
     links: tuple[LinkModel, ...] = field(default=())
+    cost_source: str = "defaults: LinkModel() on every axis"
 
     @staticmethod
-    def of(mesh, links: dict[str, LinkModel] | None = None) -> "MeshInfo":
+    def of(mesh, links: dict[str, LinkModel] | None = None, source: str | None = None) -> "MeshInfo":
         if not isinstance(mesh, (Mesh, AbstractMesh)):
             raise MeshError(f"mesh must be a jax.sharding.Mesh or AbstractMesh (see autoshard.make_mesh), got {type(mesh).__name__}")
         names = tuple(mesh.axis_names)
         sizes = tuple(int(mesh.shape[n]) for n in names)
         links = links or {}
-        return MeshInfo(names, sizes, tuple(links.get(n, LinkModel()) for n in names))
+        return MeshInfo(names, sizes, tuple(links.get(n, LinkModel()) for n in names),
+                        source or "defaults: LinkModel() on every axis")
 
     @property
     def size(self) -> dict[str, int]:

@@ -113,7 +113,9 @@ class ShardingReport:
                              f"the mesh axes are {mesh.axis_names}")
         current = [mesh.link(a) for a in mesh.axis_names]
         new = tuple(_as_link(a, links[a]) if a in links else cur for a, cur in zip(mesh.axis_names, current))
-        return dataclasses.replace(mesh, links=new)
+        changed = [a for a, cur, nw in zip(mesh.axis_names, current, new) if cur != nw]
+        source = mesh.cost_source + (f"; links of {', '.join(changed)} given to the report" if changed else "")
+        return dataclasses.replace(mesh, links=new, cost_source=source)
 
     def with_options(self, *, links=None, roles=None, thresholds=None) -> "ShardingReport":
         """A copy with other link models, argument roles or warning thresholds (the plan is the
@@ -352,6 +354,12 @@ class ShardingReport:
         with open(path, "w", encoding="utf-8") as f:
             f.write(page)
         return page
+
+    @property
+    def cost_model_source(self) -> str:
+        """What priced the times and the auto search: an entry of ``compiler/hardware.py``'s
+        table, an ``ash.calibrate`` measurement, or a fallback (``parallelize(costs=...)``)."""
+        return self.program.mesh.cost_source
 
     def summary(self) -> str:
         return text.summary(self)

@@ -8,6 +8,7 @@ placed program, and each layer's strategy in words.
 """
 from __future__ import annotations
 
+import math
 import re
 from collections import defaultdict
 
@@ -110,3 +111,27 @@ def describe_layers(program) -> dict[str, str]:
             words.append(f"parameters stored split over {a}, gathered for use (ZeRO-3)")
         out[layer] = "; ".join(words) if words else "replicated: every device computes the whole layer"
     return out
+
+
+def replication_note(program) -> str | None:
+    """Why the search left every layer replicated, in the search's own numbers (``None`` when
+    some layer is split, or no search ran): the step's compute at ``compute_rate``, the most
+    that splitting all of it over the mesh could save, and how many of the cheapest all-reduces
+    that would pay for (a split train step needs at least one per gradient it reduces)."""
+    if getattr(program, "search", None) is None:
+        return None
+    words = describe_layers(program)
+    if not words or any(not w.startswith("replicated") for w in words.values()):
+        return None
+    sizes = {a: n for a, n in program.axis_sizes.items() if n > 1}
+    if not sizes:
+        return None
+    rate = program.search_compute_rate or DEFAULT_POINTS_PER_SECOND
+    est = estimated_step_seconds(program, rate)
+    devices = math.prod(sizes.values())
+    saving = est["compute_s"] * (1 - 1 / devices)
+    latency, axis = min((program.mesh.link(a).time("all-reduce", n, 0.0), a) for a, n in sizes.items())
+    return (f"why replicated: compute {est['compute_s'] * 1e3:.4g} ms at {rate:.3g} points/s per device; "
+            f"splitting all of it over the {devices} devices would save at most {saving * 1e3:.4g} ms, which "
+            f"pays for {int(saving // latency)} all-reduce(s) of the cheapest kind (over {axis}: "
+            f"{latency * 1e3:.4g} ms of latency each); collectives here cost {est['comm_s'] * 1e3:.4g} ms")

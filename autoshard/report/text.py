@@ -12,6 +12,7 @@ import io
 import shutil
 import sys
 
+from . import strategy
 from .fmt import fmt_bytes, fmt_time
 from .memory import memory_rows
 
@@ -29,6 +30,7 @@ def summary(report) -> str:
                  f"(~{fmt_time(report.step_time_s)})")
     if report.warnings:
         text += f"; {len(report.warnings)} warning(s)"
+    text += f"\ncost model: {report.cost_model_source}"
     search = getattr(report.program, "search", None)
     if search is not None:
         text += (f"\nauto plan: MILP over {search.nodes} nodes ({search.equations} equations, "
@@ -38,6 +40,8 @@ def summary(report) -> str:
                  f"{report.estimated_step_seconds()['total_s'] * 1e3:.3f} ms")
         for layer, words in report.layer_strategies().items():
             text += f"\n  {layer}: {words}"
+        if note := strategy.replication_note(report.program):
+            text += f"\n  {note}"
     return text
 
 

@@ -32,6 +32,7 @@ from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 
 from .. import compat
 from ..compiler import ir
+from ..compiler.hardware import costs_for
 from ..compiler.mesh import MeshInfo
 from ..compiler.ops import REFUSED, get_rule
 from ..compiler.ops.control_flow import drop_dead_loop_inputs
@@ -118,12 +119,16 @@ class Compiled:
 
 class ParallelFunction:
     def __init__(self, fun, *, mesh, in_specs=None, out_specs=None, static_argnums=(),
-                 donate_argnums=(), auto=False, memory_budget=None, search_time_limit=10.0, strict=False):
+                 donate_argnums=(), auto=False, memory_budget=None, search_time_limit=10.0, strict=False,
+                 costs=None):
         self.fun = fun
         # strict=True: a primitive without a sharding rule is an error, not a replicated fallback.
         self.strict = bool(strict)
         self.mesh = mesh
-        self.mesh_info = MeshInfo.of(mesh)
+        # Link and compute rates: ``costs`` (a Calibration or HardwareModel), else the table
+        # entry of the mesh's device kind (compiler/hardware.py; "cpu" keeps the old defaults).
+        self.costs = costs_for(mesh, costs)
+        self.mesh_info = MeshInfo.of(mesh, self.costs.links_for(mesh), self.costs.source)
         self.in_specs = in_specs
         self.out_specs = out_specs
         self.static_argnums = tuple(static_argnums) if not isinstance(static_argnums, int) else (static_argnums,)
@@ -133,6 +138,7 @@ class ParallelFunction:
         # auto=True: every layout not annotated is chosen by the MILP search (passes/auto_search).
         # ``auto`` may also be a dict of the search's options (``compute_rate``, ...).
         self.auto = ({"memory_budget": memory_budget, "time_limit": float(search_time_limit),
+                      "compute_rate": self.costs.compute_rate,
                       **(auto if isinstance(auto, dict) else {})} if auto else None)
         self._cache: dict = {}
         self.trace_count = 0
@@ -414,7 +420,7 @@ def _where(sharding) -> str:
 
 def parallelize(fun=None, *, mesh, in_specs=None, out_specs=None, static_argnums=(),
                 donate_argnums=(), auto=False, memory_budget=None, search_time_limit=10.0,
-                strict=False):
+                strict=False, costs=None):
     """Compile single-device ``fun`` to the mesh. Decorator or call form.
 
     ``auto=True`` chooses every layout the annotations leave open by a MILP over the factor
@@ -425,10 +431,14 @@ def parallelize(fun=None, *, mesh, in_specs=None, out_specs=None, static_argnums
     A primitive autoshard has no sharding rule for is computed on replicated operands (the
     result is correct; an ``UnsupportedPrimitiveWarning``, a ``UserWarning``, names it and its
     source line, and ``program.fallbacks`` what replicating costs); ``strict=True`` raises
-    ``UnsupportedPrimitiveError`` instead."""
+    ``UnsupportedPrimitiveError`` instead.
+
+    ``costs`` prices collectives and work: ``ash.calibrate(mesh)``'s result, a
+    ``HardwareModel`` or a device-kind string; default the table entry of the mesh's device
+    kind (``compiler/hardware.py``); ``report.cost_model_source`` names it."""
     def wrap(f):
         return ParallelFunction(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
                                 static_argnums=static_argnums, donate_argnums=donate_argnums, auto=auto,
                                 memory_budget=memory_budget, search_time_limit=search_time_limit,
-                                strict=strict)
+                                strict=strict, costs=costs)
     return wrap if fun is None else wrap(fun)

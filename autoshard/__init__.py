@@ -9,8 +9,8 @@ from .compiler.hardware import HardwareModel, hardware_for
 from .compiler.mesh import abstract_mesh, make_mesh
 from .compiler.ops.constraint import constrain
 from .compiler.ops.custom import register_rule, with_rule
-from .errors import (MeshError, PlanningOnlyError, ShardingError, ShardingRuleError, SpecError,
-                     UnsupportedPrimitiveError)
+from .errors import (MeshError, NoFeasiblePlanError, PlanningOnlyError, ShardingError, ShardingRuleError,
+                     SpecError, UnsupportedPrimitiveError, UnsupportedPrimitiveWarning)
 from .report import ShardingReport
 from .runtime.calibrate import Calibration, calibrate
 from .runtime.executable import ParallelFunction, parallelize
@@ -18,6 +18,7 @@ from .runtime.executable import ParallelFunction, parallelize
 __all__ = [
     "make_mesh", "abstract_mesh", "parallelize", "constrain", "ParallelFunction",
     "ShardingReport", "ShardingError", "MeshError", "SpecError", "UnsupportedPrimitiveError",
-    "PlanningOnlyError", "register_rule", "with_rule", "ShardingRuleError",
+    "PlanningOnlyError", "NoFeasiblePlanError", "UnsupportedPrimitiveWarning",
+    "register_rule", "with_rule", "ShardingRuleError",
     "calibrate", "Calibration", "hardware_for", "HardwareModel",
 ]

@@ -114,6 +114,11 @@ def itemsize(dtype) -> int:
     return int(np.dtype(dtype).itemsize)
 
 
+def dtype_name(dtype) -> str:
+    """``float32``, ``bfloat16``, ``key<fry>``: a name for every JAX dtype."""
+    return str(dtype) if is_extended(dtype) else np.dtype(dtype).name
+
+
 # -- collectives -------------------------------------------------------------------------
 def ppermute_any_axis_order():
     """Context in which ``lax.ppermute`` may name mesh axes out of mesh order (0.12 raises by

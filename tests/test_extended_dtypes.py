@@ -69,6 +69,26 @@ def test_array_of_keys_split_over_data():
     assert pf.last_call_copies == 0
 
 
+def test_report_on_key_inputs(tmp_path):
+    """The report names, sizes and renders typed-key values (it used ``np.dtype`` on them and
+    crashed): a key array split over 'data' is 8 key-data bytes per device here."""
+    m = mesh("data=8")
+    keys = jax.random.split(jax.random.key(0), 8)
+
+    def f(ks, x):
+        return jax.vmap(lambda k, r: jax.random.normal(k, (4,)) + r)(ks, x)
+
+    pf = ash.parallelize(f, mesh=m, in_specs=(P("data"), P("data", None)))
+    rep = pf.report(keys, jnp.ones((8, 4)))
+    assert rep.layouts["args[0]"] == "[S(0)]"
+    key_bytes = jax.random.key_data(keys).nbytes // 8        # one key per device
+    assert f"key<fry>[8], {key_bytes} B per device" in rep.explain("args[0]")
+    entry = rep.to_dict()["inputs"][0]
+    assert (entry["dtype"], entry["bytes_per_device"]) == ("key<fry>", key_bytes)
+    rep.to_html(tmp_path / "keys.html")
+    assert "key&lt;fry&gt;[8]" in (tmp_path / "keys.html").read_text()
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float8_e4m3fn"])
 def test_low_precision_floats_in_and_out(dtype):
     m = mesh("data=2,model=4")

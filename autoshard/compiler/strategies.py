@@ -22,8 +22,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import numpy as np
 
+from .. import compat
 from .factors import axis_conflicts, compound_factors, legalize, project, project_back, result_partial
 from .kinds import REDUCTION_KINDS, FactorKind, PartialMode
 from .layout import Layout
@@ -120,7 +120,7 @@ def input_layouts(v, axis_sizes, base: Layout, axis: str) -> list[Layout]:
 
 
 def bytes_per_device(v, layout: Layout, axis_sizes) -> float:
-    return math.prod(layout.local_shape(v.shape, axis_sizes)) * np.dtype(v.dtype).itemsize
+    return math.prod(layout.local_shape(v.shape, axis_sizes)) * compat.itemsize(v.dtype)
 
 
 def follows(e, fr, node_of_value) -> bool:

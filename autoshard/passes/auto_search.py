@@ -48,6 +48,7 @@ from collections import defaultdict
 import jax
 import numpy as np
 
+from .. import compat
 from ..compiler.cost_model import DEFAULT_POINTS_PER_SECOND, assignment_points
 from ..compiler.ir import loss_residuals
 from ..compiler.layout import Layout
@@ -83,7 +84,7 @@ def _labels(program) -> dict:
     """Each value's nearest parameter's module path (in top-level equations, either way)."""
     graph = program.graph
     return spread_labels([(v, module_path(path)) for v, path in zip(graph.invars, program.in_paths)
-                          if jax.dtypes.issubdtype(np.dtype(v.dtype), np.floating)], graph.eqns)
+                          if jax.dtypes.issubdtype(v.dtype, np.floating)], graph.eqns)
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -199,7 +200,7 @@ def _build(program, axis_sizes, links, axis, base, compute_rate, labels, sig_ids
             # A strategy reading a value partial is only for values that arrive partial
             # alike (insert_collectives passes partials on only then).
             return _UNREACHABLE_SECONDS
-        return reshard_time(src, dst, v.shape, np.dtype(v.dtype).itemsize, axis_sizes, links,
+        return reshard_time(src, dst, v.shape, compat.itemsize(v.dtype), axis_sizes, links,
                             latency_weight=1.0)
 
     for v, path in zip(graph.invars, program.in_paths):

@@ -21,6 +21,7 @@ import re
 import jax
 import numpy as np
 
+from .. import compat
 from ..compiler.ir import trip_counts
 from ..compiler.naming import module_path, spread_labels
 
@@ -112,7 +113,7 @@ class ReportContext:
         """Bytes of ``v``'s block on one device under ``lay`` (uneven splits padded)."""
         sizes = self.program.axis_sizes
         shape = [math.ceil(s / math.prod(sizes[a] for a in axes)) for s, axes in zip(v.shape, lay.dims)]
-        return int(math.prod(shape)) * np.dtype(v.dtype).itemsize
+        return int(math.prod(shape)) * compat.itemsize(v.dtype)
 
     # -- equations -----------------------------------------------------------------------
     def eqn_at(self, index: int):
@@ -157,7 +158,7 @@ class ReportContext:
                     raise ValueError(f"role {role!r} for argument {i} is not one of {ROLES}")
             elif any(_OPT_KEYS.search(path[len(f"args[{i}]"):]) for _, path in items):
                 role = "optimizer state"
-            elif all(jax.dtypes.issubdtype(v.dtype, np.integer) or np.dtype(v.dtype) == np.bool_ for v, _ in items) \
+            elif all(jax.dtypes.issubdtype(v.dtype, np.integer) or compat.dtype_name(v.dtype) == "bool" for v, _ in items) \
                     or any(_BATCH_KEYS.search(path) for _, path in items):
                 role = "batch"
             elif any(module_path(path) for _, path in items):

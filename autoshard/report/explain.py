@@ -18,8 +18,8 @@ import linecache
 import os
 import sys
 
-import numpy as np
 
+from .. import compat
 from .fmt import fmt_bytes, fmt_time, parse_source
 
 
@@ -122,7 +122,7 @@ def explain(ctx, collectives, name: str, lines: SourceLines) -> str:
         lay = p.out_layouts[p.out_paths.index(name)]
     made = p.final_layout(v)
     shown = ctx.sbp(lay) if made == lay else f"{ctx.sbp(made)} -> {ctx.sbp(lay)}"
-    head = f"{name}: {shown}  ({np.dtype(v.dtype).name}{list(v.shape)}, " \
+    head = f"{name}: {shown}  ({compat.dtype_name(v.dtype)}{list(v.shape)}, " \
            f"{fmt_bytes(ctx.local_bytes(v, lay))} per device)"
     out = [head]
     e = ctx.producer_of(v)

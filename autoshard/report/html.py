@@ -20,6 +20,7 @@ import math
 
 import numpy as np
 
+from .. import compat
 from ..compiler.layout import Layout
 from ..compiler.naming import path_tokens
 from .fmt import fmt_bytes, fmt_time
@@ -240,7 +241,7 @@ def _grid_html(report, shape, layout: Layout, labels) -> str:
 
 def _card(report, name, v, layout, labels, note="") -> str:
     b = report.context.local_bytes(v, layout)
-    meta = (f"{np.dtype(v.dtype).name}{list(v.shape)} &middot; {_e(report.context.sbp(layout))} &middot; "
+    meta = (f"{_e(compat.dtype_name(v.dtype))}{list(v.shape)} &middot; {_e(report.context.sbp(layout))} &middot; "
             f"{_e(fmt_bytes(b))} per device{(' &middot; ' + _e(note)) if note else ''}")
     return (f"<div class='card' data-name='{_e(name)}'><div class='name'>{_e(name)}</div><div class='meta'>{meta}</div>"
             f"{_grid_html(report, v.shape, layout, labels)}</div>")
@@ -361,7 +362,7 @@ def render(report) -> str:
     for r in p.reshards:
         if not any(t.is_collective for t in r.transforms):
             continue
-        key = (r.value.shape, np.dtype(r.value.dtype).name, r.src, r.dst)
+        key = (r.value.shape, compat.dtype_name(r.value.dtype), r.src, r.dst)
         g = kinds_of.setdefault(key, {"r": r, "n": 0, "wire": 0.0, "names": []})
         g["n"] += 1
         g["wire"] += wire_of.get((report.name_of(r.value), r.consumer), 0.0)
@@ -369,7 +370,7 @@ def render(report) -> str:
     costly = sorted(kinds_of.values(), key=lambda g: -g["wire"])[:N_COSTLIEST]
     moved = "".join(
         f"<div class='card' style='width:auto'><div class='name'>{_e(report.context.sbp(g['r'].src))} &rarr; "
-        f"{_e(report.context.sbp(g['r'].dst))} on {_e(np.dtype(g['r'].value.dtype).name)}{_e(list(g['r'].value.shape))}"
+        f"{_e(report.context.sbp(g['r'].dst))} on {_e(compat.dtype_name(g['r'].value.dtype))}{_e(list(g['r'].value.shape))}"
         f"</div><div class='meta'>{g['n']}x "
         f"{_e(' + '.join(t.kind for t in g['r'].transforms if t.is_collective))}, {_e(fmt_bytes(g['wire']))} on "
         f"the wire in all; values {_e(', '.join(g['names'][:6]))}{' ...' if g['n'] > 6 else ''} "

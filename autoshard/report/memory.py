@@ -42,6 +42,7 @@ import re
 import jax
 import numpy as np
 
+from .. import compat
 from ..compiler.ir import loss_residuals
 from .context import ROLES
 from .schedule import (ABSORB, BITCAST, EXPENSIVE, FUSIBLE, REDUCE, YNN_REDUCE_MIN_ELEMENTS, Schedule,
@@ -50,7 +51,7 @@ from .schedule import (ABSORB, BITCAST, EXPENSIVE, FUSIBLE, REDUCE, YNN_REDUCE_M
 
 def _elements(ctx, v):
     p = ctx.program
-    return ctx.local_bytes(v, p.final_layout(v)) // max(1, np.dtype(v.dtype).itemsize)
+    return ctx.local_bytes(v, p.final_layout(v)) // max(1, compat.itemsize(v.dtype))
 
 
 def _expensive(e) -> bool:
@@ -58,7 +59,7 @@ def _expensive(e) -> bool:
     if name not in EXPENSIVE:
         return False
     if name in ("div", "rem"):
-        return any(jax.dtypes.issubdtype(np.dtype(o.dtype), np.floating) for o in e.outvars)
+        return any(jax.dtypes.issubdtype(o.dtype, np.floating) for o in e.outvars)
     return True
 
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 
+from .. import compat
 from ..compiler.naming import layer_of
 from ..compiler.planner import transform_bytes, transform_time
 from .fmt import parse_source
@@ -70,14 +70,14 @@ def collective_records(ctx) -> list[CollectiveRecord]:
     links = ctx.links
     out = []
     for r in p.reshards:
-        itemsize = np.dtype(r.value.dtype).itemsize
+        itemsize = compat.itemsize(r.value.dtype)
         layer = layer_of(ctx.layer_of_value(r.value)) or ctx.layer_of_value(r.value)
         for t in r.transforms:
             if not t.is_collective:
                 continue
             out.append(CollectiveRecord(
                 t.kind, tuple(sorted(t.axes, key=order.get)), tuple(t.in_shape),
-                np.dtype(r.value.dtype).name, math.prod(t.in_shape) * itemsize,
+                compat.dtype_name(r.value.dtype), math.prod(t.in_shape) * itemsize,
                 transform_bytes(t, itemsize, sizes), transform_time(t, itemsize, sizes, links),
                 r.reason, r.source, ctx.name_of(r.value), r.consumer, layer,
                 parse_source(r.source)["module"], t.group_size(sizes), ctx.trips_of(r.value)))

@@ -37,8 +37,8 @@ import dataclasses
 import json
 from dataclasses import asdict
 
-import numpy as np
 
+from .. import compat
 from ..compiler.cost_model import DEFAULT_POINTS_PER_SECOND, LinkModel
 from . import explain as _explain
 from . import records, strategy, text
@@ -278,7 +278,7 @@ class ShardingReport:
     # -- output --------------------------------------------------------------------------
     def _value_entry(self, v, name, layout) -> dict:
         ctx = self.context
-        return {"name": name, "shape": list(v.shape), "dtype": np.dtype(v.dtype).name,
+        return {"name": name, "shape": list(v.shape), "dtype": compat.dtype_name(v.dtype),
                 "layout": ctx.sbp(layout), "spec": spec_text(layout),
                 "dims": [list(a) for a in layout.dims],
                 "partial": [[a, op] for a, op in layout.partial],
@@ -337,6 +337,7 @@ class ShardingReport:
             "warnings": [asdict(w) for w in self.warnings],
             "xla": xla,
             "pass_seconds": dict(p.pass_seconds),
+            "cost_model_source": self.cost_model_source,
         }
 
     def to_json(self, path=None) -> str:

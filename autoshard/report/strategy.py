@@ -15,6 +15,7 @@ from collections import defaultdict
 import jax
 import numpy as np
 
+from .. import compat
 from ..compiler.cost_model import DEFAULT_POINTS_PER_SECOND, assignment_points
 from ..compiler.ir import trip_counts
 from ..compiler.kinds import FactorKind
@@ -38,7 +39,7 @@ def estimated_step_seconds(program, compute_rate=DEFAULT_POINTS_PER_SECOND) -> d
     for r in program.reshards:
         for t in r.transforms:
             if t.is_collective:
-                comm += trips.get(r.value, 1) * transform_time(t, np.dtype(r.value.dtype).itemsize, sizes, links)
+                comm += trips.get(r.value, 1) * transform_time(t, compat.itemsize(r.value.dtype), sizes, links)
     return {"compute_s": compute / compute_rate, "comm_s": comm, "total_s": compute / compute_rate + comm}
 
 
@@ -49,7 +50,7 @@ def describe_layers(program) -> dict[str, str]:
     inside a scan over layers, the body input its stacked slice arrives as."""
     graph = program.graph
     param = {v: module_path(p) for v, p in zip(graph.invars, program.in_paths)
-             if module_path(p) and jax.dtypes.issubdtype(np.dtype(v.dtype), np.floating)
+             if module_path(p) and jax.dtypes.issubdtype(v.dtype, np.floating)
              and not re.search(r"\.(mu|nu|count)\b|\[\d+\]\.", p)}
     stored_as = {v: program.layouts[v] for v in param}
     for e in graph.all_eqns():

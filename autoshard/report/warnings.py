@@ -1,8 +1,9 @@
 """The report's warnings: problems in a plan, each with the change that removes it.
 
-Four kinds (``WARNING_KINDS``): a large value left replicated, an all-gather of a parameter,
-a reshard between two annotations that disagree, and a dim split unevenly (from the notes the
-passes leave in ``ShardedProgram.notes``). Thresholds: ``DEFAULT_THRESHOLDS``.
+Five kinds (``WARNING_KINDS``): a large value left replicated, an all-gather of a parameter,
+a reshard between two annotations that disagree, a dim split unevenly (from the notes the
+passes leave in ``ShardedProgram.notes``), and a primitive without a rule computed on
+replicated operands (``ShardedProgram.fallbacks``). Thresholds: ``DEFAULT_THRESHOLDS``.
 
 ``x @ w`` with ``w`` f32[4096, 1024] left unannotated on mesh data=2, model=4:
 
@@ -18,6 +19,7 @@ import math
 import jax
 import numpy as np
 
+from .. import compat
 from ..compiler.layout import Layout
 from .explain import chain
 from .fmt import fmt_bytes, spec_text
@@ -41,7 +43,8 @@ DEFAULT_THRESHOLDS = {
 
 #: Warning kinds. ``uneven-padding`` comes from the notes the passes leave in
 #: ``ShardedProgram.notes`` (a dim split over axes that do not divide it is padded per device).
-WARNING_KINDS = ("replicated-value", "implicit-all-gather", "conflicting-annotations", "uneven-padding")
+WARNING_KINDS = ("replicated-value", "implicit-all-gather", "conflicting-annotations", "uneven-padding",
+                 "no-rule-replicated")
 
 # Ops through which a parameter is still "the parameter" (for implicit-all-gather warnings).
 _PASS_THROUGH = {"convert_element_type", "transpose", "reshape", "copy", "copy_p", "squeeze",
@@ -70,7 +73,7 @@ def find_warnings(ctx, collectives, thresholds: dict, argument_bytes: int) -> li
         why = (f"annotated {prov.detail}" if prov is not None and prov.kind in ("annotation", "constraint")
                else "no annotation reaches it")
         sugg = suggest_split(ctx, v, lay)
-        dtype = np.dtype(v.dtype).name
+        dtype = compat.dtype_name(v.dtype)
         msg = (f"{name} ({dtype}{list(v.shape)}, {fmt_bytes(b)}) is replicated on all {n_devices} "
                f"devices ({why})")
         if sugg is None:
@@ -136,6 +139,12 @@ def find_warnings(ctx, collectives, thresholds: dict, argument_bytes: int) -> li
         b = ctx.local_bytes(v, p.final_layout(v)) if v is not None else 0
         src = ctx.made_at(v) if v is not None and ctx.producer_of(v) is not None else ""
         out.append(ReportWarning(kind, message, fix, name, b, src))
+    # 5. Primitives without a rule, computed on replicated operands: the bytes are what
+    #    replicating their operands costs on the wire per device each time they run.
+    for fb in getattr(p, "fallbacks", ()):
+        eqn = ctx.eqn_at(fb.eqn)
+        name = ctx.name_of(eqn.outvars[0]) if eqn is not None and eqn.outvars else ""
+        out.append(ReportWarning("no-rule-replicated", str(fb), fb.fix, name, int(fb.wire_bytes), fb.source))
     return out
 
 

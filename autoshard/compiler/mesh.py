@@ -96,3 +96,9 @@ class MeshInfo:
 
     def link(self, axis: str) -> LinkModel:
         return self.links[self.axis_names.index(axis)] if self.links else LinkModel()
+
+    @property
+    def link_models(self) -> dict[str, LinkModel]:
+        """``{axis: LinkModel}`` of every mesh axis, in mesh order (what ``cost_model.group_link``
+        and the planner's costs read)."""
+        return {a: self.link(a) for a in self.axis_names}

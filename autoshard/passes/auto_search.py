@@ -515,7 +515,7 @@ def run(program, memory_budget=None, time_limit=10.0, compute_rate=DEFAULT_POINT
     t0 = time.perf_counter()
     mesh = program.mesh
     axis_sizes = {a: s for a, s in program.axis_sizes.items() if s > 1}
-    links = {a: mesh.link(a) for a in mesh.axis_names}
+    links = mesh.link_models
     for eqn in program.graph.all_eqns():
         program.rules[eqn.index] = get_rule(eqn).factors(eqn)
     labels = _labels(program)

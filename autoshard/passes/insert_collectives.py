@@ -87,7 +87,7 @@ class _Placer:
         self.p, self.eager = program, eager
         mesh = program.mesh
         self.axes, self.sizes = mesh.axis_names, program.axis_sizes
-        self.links = {a: mesh.link(a) for a in self.axes}
+        self.links = mesh.link_models
         self.actual: dict = {}
         self.producer: dict = {}
         self.planned: set = set()

@@ -44,7 +44,7 @@ def _values(program, eqn):
 
 def run(program):
     graph, mesh = program.graph, program.mesh
-    sizes, links = program.axis_sizes, {a: mesh.link(a) for a in mesh.axis_names}
+    sizes, links = program.axis_sizes, mesh.link_models
     eqns = list(graph.all_eqns())
     for eqn in eqns:
         program.rules[eqn.index] = get_rule(eqn).factors(eqn)

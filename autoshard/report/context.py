@@ -70,8 +70,7 @@ class ReportContext:
     @property
     def links(self) -> dict:
         """``{mesh axis: LinkModel}`` of the program's mesh."""
-        mesh = self.program.mesh
-        return {a: mesh.link(a) for a in self.mesh_axes}
+        return self.program.mesh.link_models
 
     # -- naming --------------------------------------------------------------------------
     def _value_names(self) -> dict:

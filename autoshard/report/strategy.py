@@ -34,7 +34,7 @@ def estimated_step_seconds(program, compute_rate=DEFAULT_POINTS_PER_SECOND) -> d
                                                       program.assignments[e.index], sizes)
                   for e in program.graph.all_eqns() if e.index in program.assignments
                   and not e.subgraphs)
-    links = {a: program.mesh.link(a) for a in program.mesh.axis_names}
+    links = program.mesh.link_models
     comm = 0.0
     for r in program.reshards:
         for t in r.transforms:

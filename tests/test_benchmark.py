@@ -59,3 +59,24 @@ def test_bench_command_writes_results(tmp_path):
         assert math.isfinite(float(r["pass_s"])) and float(r["memory_bytes"]) > 0
     assert code in (0, 1)       # 1 only if a check failed; the checks are printed in the file
     assert "**FAIL**" not in text or code == 1
+
+
+def test_checks_and_tables_of_hand_made_rows():
+    # autoshard moves 2 KiB where jax.jit moves 1 KiB, with no note: the first check fails and
+    # names the ratio; 2 KiB is the analytic minimum, so the second passes at 1.000.
+    from collections import Counter
+    ours = benchmark.Measured(wire_bytes=2048.0, counts=Counter({"all-reduce": 2}), memory_bytes=10240,
+                              argument_bytes=4096, temp_bytes=1024, flops=2e9, compile_s=1.0, step_s=0.01)
+    jit = benchmark.Measured(wire_bytes=1024.0, counts=Counter({"all-gather": 1}), memory_bytes=10240,
+                             argument_bytes=4096, temp_bytes=1024, flops=2e9, compile_s=1.0, step_s=0.01)
+    row = benchmark.Row("gpt", {"data": 8}, "dp", ours, jit, pass_s=0.5, analytic_bytes=2048.0, state_bytes=8192,
+                        replicated_state_bytes=0, batch_bytes=512)
+    found = benchmark.checks([row], [], None)
+    assert [c.passed for c in found] == [False, True]
+    assert found[0].detail == "larger: gpt data=8 dp (2.000x): NO EXPLANATION"
+    assert found[1].detail == "dp on data=8: 1.000"
+    md = benchmark.results_markdown({"rows": [row], "scaling": [], "reference": None, "checks": found}, "autoshard bench")
+    assert "| gpt | data=8 | dp | 2.0 | 1.0 | 2.0 | 2.000 | 1.000 | 2AR | 1AG | 10.0 | 10.0 | 2.0000 | 2.0000 |" in md
+    assert "- **FAIL** autoshard wire bytes <= jax.jit's for every row: larger: gpt data=8 dp" in md
+    (record,) = csv.DictReader(benchmark.write_csv([row]).splitlines())
+    assert (record["wire_bytes"], record["jit_wire_bytes"], record["counts"]) == ("2048", "1024", "2AR")

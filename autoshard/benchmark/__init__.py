@@ -45,7 +45,12 @@ Models other than GPT and the MLP (MoE, CNN) get the dp / fsdp minimum only; the
 print ``-``. Collectives inside loops are counted once per instruction, so the benchmark uses
 unrolled layers.
 """
+__all__ = ["BENCH_BATCH", "BENCH_CONFIGS", "MESHES", "NOTES", "SCALING_LAYERS", "Check", "Measured", "Row",
+           "ScalingPoint", "analytic_min_bytes", "auto_checks", "auto_rows", "checks", "linear_fit", "measure",
+           "mesh_axes", "ratio_text", "rows_to_measure", "run", "scaling_point", "single_device_row", "CSV_FIELDS",
+           "auto_markdown", "machine_line", "markdown_table", "results_markdown", "row_record", "write_csv"]
+
 from .measure import (BENCH_BATCH, BENCH_CONFIGS, MESHES, NOTES, SCALING_LAYERS, Check, Measured, Row,
                       ScalingPoint, analytic_min_bytes, auto_checks, auto_rows, checks, linear_fit, measure,
-                      mesh_axes, rows_to_measure, run, scaling_point, single_device_row)
+                      mesh_axes, ratio_text, rows_to_measure, run, scaling_point, single_device_row)
 from .tables import CSV_FIELDS, auto_markdown, machine_line, markdown_table, results_markdown, row_record, write_csv

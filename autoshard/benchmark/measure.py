@@ -283,6 +283,13 @@ def linear_fit(xs, ys) -> tuple[float, float, float]:
 
 # ----------------------------------------------------------------------------- checks
 
+def ratio_text(a: float, b: float) -> str:
+    """``a / b`` to three places (``=`` for 0 / 0, ``inf`` for a / 0)."""
+    if b == 0:
+        return "=" if a == 0 else "inf"
+    return f"{a / b:.3f}"
+
+
 @dataclasses.dataclass
 class Check:
     name: str
@@ -297,14 +304,14 @@ def checks(rows: list[Row], scaling: list[ScalingPoint], reference: ScalingPoint
     out.append(Check(
         "autoshard wire bytes <= jax.jit's for every row", not any(not r.note for r in worse),
         "all rows" if not worse else "larger: " + "; ".join(
-            f"{r.model} {r.mesh_text} {r.strategy} ({_ratio(r.ours.wire_bytes, r.jit.wire_bytes)}x): "
+            f"{r.model} {r.mesh_text} {r.strategy} ({ratio_text(r.ours.wire_bytes, r.jit.wire_bytes)}x): "
             f"{r.note or 'NO EXPLANATION'}" for r in worse)))
     near = [r for r in rows if r.model == "gpt" and r.strategy in ("dp", "fsdp", "tp")]
     off = [r for r in near if r.analytic_bytes is None
            or abs(r.ours.wire_bytes - r.analytic_bytes) > 0.01 * r.analytic_bytes]
     out.append(Check(
         "GPT dp, fsdp, tp: wire bytes within 1% of the analytic minimum", bool(near) and not off,
-        ", ".join(f"{r.strategy} on {r.mesh_text}: {_ratio(r.ours.wire_bytes, r.analytic_bytes or 0)}"
+        ", ".join(f"{r.strategy} on {r.mesh_text}: {ratio_text(r.ours.wire_bytes, r.analytic_bytes or 0)}"
                   for r in near)))
     for r in rows:
         if r.strategy != "fsdp":
@@ -338,7 +345,6 @@ def checks(rows: list[Row], scaling: list[ScalingPoint], reference: ScalingPoint
             f"slope {b * 1e6:.1f} us per equation, intercept {a:.2f} s, R^2 {r2:.3f}; "
             f"time per equation from {per_eqn[0] * 1e6:.1f} to {per_eqn[-1] * 1e6:.1f} us"))
     return out
-
 
 
 # ----------------------------------------------------------------------------- one device

@@ -14,7 +14,7 @@ from collections import Counter
 import jax
 
 from ..compiler.cost_model import KINDS
-from .measure import Row, linear_fit
+from .measure import Row, linear_fit, ratio_text
 
 
 CSV_FIELDS = ("model", "mesh", "strategy",
@@ -61,12 +61,6 @@ def _kib(x: float) -> str:
     return f"{x / 1024:,.1f}"
 
 
-def _ratio(a: float, b: float) -> str:
-    if b == 0:
-        return "=" if a == 0 else "inf"
-    return f"{a / b:.3f}"
-
-
 def markdown_table(rows: list[Row]) -> str:
     head = ("| model | mesh | strategy | wire KiB | jit wire KiB | min KiB | ours/jit | ours/min "
             "| collectives | jit collectives | mem KiB | jit mem KiB | GFLOP | jit GFLOP "
@@ -76,8 +70,8 @@ def markdown_table(rows: list[Row]) -> str:
         lines.append(
             f"| {r.model} | {r.mesh_text} | {r.strategy} | {_kib(r.ours.wire_bytes)} "
             f"| {_kib(r.jit.wire_bytes)} | {'-' if r.analytic_bytes is None else _kib(r.analytic_bytes)} "
-            f"| {_ratio(r.ours.wire_bytes, r.jit.wire_bytes)} "
-            f"| {'-' if r.analytic_bytes is None else _ratio(r.ours.wire_bytes, r.analytic_bytes)} "
+            f"| {ratio_text(r.ours.wire_bytes, r.jit.wire_bytes)} "
+            f"| {'-' if r.analytic_bytes is None else ratio_text(r.ours.wire_bytes, r.analytic_bytes)} "
             f"| {_counts_text(r.ours.counts)} | {_counts_text(r.jit.counts)} "
             f"| {_kib(r.ours.memory_bytes)} | {_kib(r.jit.memory_bytes)} "
             f"| {r.ours.flops / 1e9:.4f} | {r.jit.flops / 1e9:.4f} "

@@ -202,7 +202,7 @@ NNX_TP = [
 def nnx_minigpt():
     model = MiniGPT(VOCAB, D, HEADS, MLP, LAYERS, SEQ, nnx.Rngs(0))
     graphdef, params_state, rest = nnx.split(model, nnx.Param, ...)
-    params = jax.device_get(params_state.to_pure_dict())
+    params = jax.device_get(nnx.to_pure_dict(params_state))
 
     def loss(params, batch):
         state = jax.tree.map(lambda x: x, params_state)

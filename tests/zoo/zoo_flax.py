@@ -93,7 +93,7 @@ LINEN_TP = [
 def linen_lm():
     model = TransformerLM(VOCAB, D, HEADS, MLP, LAYERS, SEQ, dropout=0.1)
     batch = _tokens()
-    params = model.init(jax.random.PRNGKey(0), batch["tokens"])["params"]
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), batch["tokens"])["params"]
     batch["dropout_key"] = jax.random.key(1)     # the spelling JAX recommends
 
     def loss(params, batch):
@@ -141,7 +141,7 @@ def linen_cnn():
     rng = np.random.default_rng(1)
     batch = {"image": rng.normal(size=(BATCH, 16, 16, 1)).astype(np.float32),
              "label": rng.integers(0, 10, (BATCH,), dtype=np.int32)}
-    variables = model.init(jax.random.PRNGKey(0), batch["image"])
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), batch["image"])
     params, stats = variables["params"], variables["batch_stats"]
 
     def loss(params, batch):
@@ -202,7 +202,7 @@ NNX_TP = [
 def nnx_minigpt():
     model = MiniGPT(VOCAB, D, HEADS, MLP, LAYERS, SEQ, nnx.Rngs(0))
     graphdef, params_state, rest = nnx.split(model, nnx.Param, ...)
-    params = jax.device_get(params_state.to_pure_dict())
+    params = jax.device_get(nnx.to_pure_dict(params_state))
 
     def loss(params, batch):
         state = jax.tree.map(lambda x: x, params_state)

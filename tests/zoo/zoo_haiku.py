@@ -70,7 +70,7 @@ HAIKU_TP = [
 
 def _pure(fn, batch, key="tokens"):
     f = hk.without_apply_rng(hk.transform(fn))
-    return f, f.init(jax.random.PRNGKey(0), batch[key])
+    return f, jax.jit(f.init)(jax.random.PRNGKey(0), batch[key])
 
 
 @register("haiku/transformer", "dm-haiku",

@@ -21,7 +21,7 @@ from harness import ONE_MINUS_SQUARE, STACK, Built, register  # noqa: E402
 
 assert keras.backend.backend() == "jax", f"KERAS_BACKEND must be jax, is {keras.backend.backend()}"
 
-VOCAB, D, SEQ, BATCH = 64, 32, 16, 16
+VOCAB, D, SEQ, BATCH, LAYERS = 64, 32, 16, 16, 2
 
 
 def _stateless(model, seed):
@@ -57,12 +57,12 @@ GPT2_TP = [
 
 
 @register("keras_hub/gpt2", "keras-hub",
-          f"GPT2CausalLM: vocab {VOCAB}, hidden {D}, 4 heads, intermediate 64, 2 layers, "
+          f"GPT2CausalLM: vocab {VOCAB}, hidden {D}, 4 heads, intermediate 64, {LAYERS} layers, "
           f"seq {SEQ}, batch {BATCH}", GPT2_TP, xfails=[ONE_MINUS_SQUARE])
 def gpt2():
     keras.utils.set_random_seed(0)
     backbone = keras_hub.models.GPT2Backbone(
-        vocabulary_size=VOCAB, num_layers=2, num_heads=4, hidden_dim=D, intermediate_dim=64,
+        vocabulary_size=VOCAB, num_layers=LAYERS, num_heads=4, hidden_dim=D, intermediate_dim=64,
         dropout=0.0, max_sequence_length=SEQ)
     return _stateless(keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None), seed=50)
 
@@ -82,11 +82,11 @@ MIXTRAL_TP = [
 
 @register("keras_hub/mixtral_moe", "keras-hub",
           f"MixtralCausalLM: vocab {VOCAB}, hidden {D}, 4 query / 2 kv heads, 4 experts (top 2) "
-          f"of intermediate 32, 2 layers, seq {SEQ}, batch {BATCH}", MIXTRAL_TP,
+          f"of intermediate 32, {LAYERS} layers, seq {SEQ}, batch {BATCH}", MIXTRAL_TP,
           xfails=[STACK])
 def mixtral():
     keras.utils.set_random_seed(0)
     backbone = keras_hub.models.MixtralBackbone(
-        vocabulary_size=VOCAB, num_layers=2, num_query_heads=4, num_key_value_heads=2, hidden_dim=D,
+        vocabulary_size=VOCAB, num_layers=LAYERS, num_query_heads=4, num_key_value_heads=2, hidden_dim=D,
         intermediate_dim=32, num_experts=4, top_k=2, sliding_window=SEQ)
     return _stateless(keras_hub.models.MixtralCausalLM(backbone=backbone, preprocessor=None), seed=51)

@@ -12,7 +12,7 @@ from transformers import (BertConfig, FlaxBertForMaskedLM, FlaxGPT2LMHeadModel, 
 
 from harness import ONE_MINUS_SQUARE, POLYNOMIAL, Built, register
 
-VOCAB, D, SEQ, BATCH = 64, 32, 16, 16
+VOCAB, D, SEQ, BATCH, LAYERS = 64, 32, 16, 16, 2
 
 
 def _batch(seed):
@@ -45,10 +45,10 @@ GPT2_TP = [
 
 
 @register("transformers/gpt2", "transformers",
-          f"FlaxGPT2LMHeadModel: vocab {VOCAB}, n_embd {D}, 4 heads, 2 layers, seq {SEQ}, batch {BATCH}",
+          f"FlaxGPT2LMHeadModel: vocab {VOCAB}, n_embd {D}, 4 heads, {LAYERS} layers, seq {SEQ}, batch {BATCH}",
           GPT2_TP, xfails=[ONE_MINUS_SQUARE])
 def gpt2():
-    cfg = GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=D, n_layer=2, n_head=4,
+    cfg = GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=D, n_layer=LAYERS, n_head=4,
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     model, params = _init(FlaxGPT2LMHeadModel, cfg)
 
@@ -69,9 +69,9 @@ LLAMA_TP = [
 
 @register("transformers/llama", "transformers",
           f"FlaxLlamaForCausalLM: vocab {VOCAB}, hidden {D}, 8 heads, 4 kv heads (GQA), mlp 64, "
-          f"2 layers, RoPE, seq {SEQ}, batch {BATCH}", LLAMA_TP)
+          f"{LAYERS} layers, RoPE, seq {SEQ}, batch {BATCH}", LLAMA_TP)
 def llama():
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=D, intermediate_size=64, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=D, intermediate_size=64, num_hidden_layers=LAYERS,
                       num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=SEQ)
     model, params = _init(FlaxLlamaForCausalLM, cfg)
 
@@ -92,10 +92,10 @@ BERT_TP = [
 
 
 @register("transformers/bert", "transformers",
-          f"FlaxBertForMaskedLM: vocab {VOCAB}, hidden {D}, 4 heads, intermediate 64, 2 layers, "
+          f"FlaxBertForMaskedLM: vocab {VOCAB}, hidden {D}, 4 heads, intermediate 64, {LAYERS} layers, "
           f"seq {SEQ}, batch {BATCH}", BERT_TP, xfails=[POLYNOMIAL])
 def bert():
-    cfg = BertConfig(vocab_size=VOCAB, hidden_size=D, num_hidden_layers=2, num_attention_heads=4,
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=4,
                      intermediate_size=64, max_position_embeddings=SEQ, hidden_dropout_prob=0.0,
                      attention_probs_dropout_prob=0.0)
     model, params = _init(FlaxBertForMaskedLM, cfg)

@@ -16,6 +16,7 @@ set here before anything imports jax (appended to flags already set, never repla
 from __future__ import annotations
 
 import argparse
+import csv
 import ast
 import importlib
 import importlib.util
@@ -408,19 +409,36 @@ def _bench_parser(sub):
                    help="GPT depth for passes against XLA compile time (0: skip)")
     b.add_argument("--auto-layers", type=int, nargs="*", default=[12, 24],
                    help="GPT depths for auto=True against the presets and its search time (none: skip)")
+    b.add_argument("--zoo", action="store_true",
+                   help="only the third-party model zoo (tests/zoo) against jax.jit: replaces the zoo "
+                        "section of RESULTS.md and writes zoo.csv")
 
 
 def bench(args) -> int:
     """Run the benchmark suite; write the markdown and CSV; exit 1 if a check fails."""
     from . import benchmark
+    from .benchmark import zoo
     command = "autoshard bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "autoshard bench"
+    results_path = os.path.join(args.out, "RESULTS.md")
+    previous = open(results_path).read() if os.path.exists(results_path) else ""
+    os.makedirs(args.out, exist_ok=True)
+    if args.zoo:
+        table, records = zoo.zoo_table(progress=lambda line: print(line, flush=True))
+        with open(results_path, "w") as f:
+            f.write(zoo.with_section(previous, zoo.zoo_section(table, command.strip())))
+        with open(os.path.join(args.out, "zoo.csv"), "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(records[0]))
+            writer.writeheader()
+            writer.writerows(records)
+        print(table)
+        return 0
     result = benchmark.run(models=args.models, meshes=tuple(args.meshes), strategies=args.strategies,
                            scaling_layers=tuple(args.scaling_layers),
                            reference_layers=args.reference_layers, auto_layers=tuple(args.auto_layers),
                            progress=lambda line: print(line, flush=True))
-    os.makedirs(args.out, exist_ok=True)
-    markdown = benchmark.results_markdown(result, command.strip())
-    with open(os.path.join(args.out, "RESULTS.md"), "w") as f:
+    markdown = zoo.with_section(benchmark.results_markdown(result, command.strip()),
+                                zoo.existing_section(previous))
+    with open(results_path, "w") as f:
         f.write(markdown)
     with open(os.path.join(args.out, "results.csv"), "w") as f:
         f.write(benchmark.write_csv(result["rows"]))

@@ -27,7 +27,8 @@ import jax  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 import autoshard as ash  # noqa: E402
-from autoshard.benchmark import _compiled_numbers, _counts_text, _kib, _ratio  # noqa: E402
+from autoshard.benchmark.measure import _compiled_numbers, ratio_text as _ratio  # noqa: E402
+from autoshard.benchmark.tables import _counts_text, _kib  # noqa: E402
 from harness import MESHES, load_all, make_train_step, param_count, setup  # noqa: E402
 from partition_rules import STRATEGIES  # noqa: E402
 

@@ -53,36 +53,6 @@ class XFail:
         return self.present and strategy in self.strategies
 
 
-# ----------------------------------------------------------------------------- engine gaps
-# What the installed JAX binds that autoshard (today) has no rule or schema for. Detected
-# from JAX itself rather than from version numbers; each model lists the gaps its step hits
-# (tests/zoo/README.md has a minimal reproducer for each).
-
-def _scan_params():
-    return jax.make_jaxpr(lambda c: jax.lax.scan(lambda c, _: (c, None), c, None, length=1))(0.0).eqns[0].params
-
-
-from jax._src.lax import lax as _lax  # noqa: E402
-
-SCAN_FT_PARAMS = "num_consts" not in _scan_params()             # JAX >= 0.11: ft_in / ft_out
-HAS_ONE_MINUS_SQUARE = hasattr(_lax, "one_minus_square_p")      # tanh's derivative (0.12)
-HAS_POLYNOMIAL = hasattr(_lax, "polynomial_p")                  # erf / erfc derivatives (0.12)
-HAS_EVAL_JAXPR = hasattr(jax._src.core, "eval_jaxpr_p")         # closed_call's new name (0.12)
-
-TYPED_KEY = XFail("a typed PRNG key argument (jax.random.key) crashes in runtime/executable.py:_aval "
-                  "(canonicalize_dtype on an extended dtype)", raises=ValueError)
-STACK = XFail("no rule for the primitives 'stack' and 'unstack' (jnp.stack / jnp.unstack bind them "
-              "since JAX 0.10.1)", raises=ash.UnsupportedPrimitiveError)
-SCAN_SCHEMA = XFail("scan's params are ft_in/ft_out (JAX >= 0.11), autoshard reads num_consts/num_carry "
-                    "(KeyError: 'num_consts')", present=SCAN_FT_PARAMS, raises=KeyError)
-ONE_MINUS_SQUARE = XFail("no rule for the primitive 'one_minus_square' (tanh's derivative: tanh GELU, "
-                         "LSTM/GRU gates)", present=HAS_ONE_MINUS_SQUARE, raises=ash.UnsupportedPrimitiveError)
-POLYNOMIAL = XFail("no rule for the primitive 'polynomial' (erf/erfc derivatives: exact GELU)",
-                   present=HAS_POLYNOMIAL, raises=ash.UnsupportedPrimitiveError)
-EVAL_JAXPR_UNSTACK = XFail("no rule for the primitives 'eval_jaxpr' (closed_call's new name) and 'unstack'",
-                           present=HAS_EVAL_JAXPR, raises=ash.UnsupportedPrimitiveError)
-
-
 @dataclasses.dataclass
 class ZooModel:
     name: str                   # "<library>/<model>"

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
-from harness import ONE_MINUS_SQUARE, SCAN_SCHEMA, Built, register
+from harness import Built, register
 
 D, HEADS, MLP, LAYERS, BATCH, PATCH, IMAGE, CLASSES = 32, 4, 64, 2, 16, 4, 16, 10
 VOCAB, SEQ = 64, 16
@@ -82,8 +82,7 @@ VIT_TP = [
 
 @register("equinox/vit", "equinox",
           f"{IMAGE}x{IMAGE}x3 images, {PATCH}x{PATCH} patches, d {D}, {HEADS} heads, mlp {MLP}, "
-          f"{LAYERS} layers, {CLASSES} classes, batch {BATCH}", VIT_TP,
-          xfails=[ONE_MINUS_SQUARE])
+          f"{LAYERS} layers, {CLASSES} classes, batch {BATCH}", VIT_TP)
 def vit():
     params, static = _split(ViT(jax.random.PRNGKey(0)))
     rng = np.random.default_rng(20)
@@ -129,7 +128,7 @@ GRU_TP = [
 
 @register("equinox/gru_lm", "equinox",
           f"embed {D}, eqx.nn.GRUCell hidden {D} under lax.scan over {SEQ} steps, vocab {VOCAB}, "
-          f"batch {BATCH}", GRU_TP, xfails=[SCAN_SCHEMA, ONE_MINUS_SQUARE])
+          f"batch {BATCH}", GRU_TP)
 def gru_lm():
     params, static = _split(GRULM(jax.random.PRNGKey(1)))
     rng = np.random.default_rng(21)

@@ -9,7 +9,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from harness import ONE_MINUS_SQUARE, TYPED_KEY, Built, register
+from harness import Built, register
 
 VOCAB, D, HEADS, MLP, SEQ, LAYERS, BATCH = 64, 32, 4, 64, 16, 2, 16
 
@@ -89,7 +89,7 @@ LINEN_TP = [
 @register("flax_linen/lm1b_decoder", "flax.linen",
           f"vocab {VOCAB}, d {D}, {HEADS} heads, mlp {MLP}, {LAYERS} layers, dropout 0.1 (typed key "
           f"jax.random.key in the batch), seq {SEQ}, batch {BATCH}",
-          LINEN_TP, xfails=[TYPED_KEY, ONE_MINUS_SQUARE])
+          LINEN_TP)
 def linen_lm():
     model = TransformerLM(VOCAB, D, HEADS, MLP, LAYERS, SEQ, dropout=0.1)
     batch = _tokens()
@@ -198,7 +198,7 @@ NNX_TP = [
 
 @register("flax_nnx/minigpt", "flax.nnx",
           f"vocab {VOCAB}, d {D}, {HEADS} heads, mlp {MLP}, {LAYERS} layers, seq {SEQ}, batch {BATCH}",
-          NNX_TP, xfails=[ONE_MINUS_SQUARE])
+          NNX_TP)
 def nnx_minigpt():
     model = MiniGPT(VOCAB, D, HEADS, MLP, LAYERS, SEQ, nnx.Rngs(0))
     graphdef, params_state, rest = nnx.split(model, nnx.Param, ...)

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
-from harness import ONE_MINUS_SQUARE, SCAN_SCHEMA, Built, register
+from harness import Built, register
 
 VOCAB, D, HEADS, MLP, SEQ, LAYERS, BATCH = 64, 32, 4, 64, 16, 2, 16
 
@@ -75,7 +75,7 @@ def _pure(fn, batch, key="tokens"):
 
 @register("haiku/transformer", "dm-haiku",
           f"vocab {VOCAB}, d {D}, {HEADS} heads, mlp {MLP}, {LAYERS} layers, seq {SEQ}, batch {BATCH}",
-          HAIKU_TP, xfails=[ONE_MINUS_SQUARE])
+          HAIKU_TP)
 def transformer():
     batch = _tokens(10)
     f, params = _pure(_lm, batch)
@@ -106,7 +106,7 @@ LSTM_TP = [
 
 @register("haiku/lstm_lm", "dm-haiku",
           f"embed {D}, LSTM hidden {D} over hk.dynamic_unroll (scan over {SEQ} steps), vocab {VOCAB}, "
-          f"batch {BATCH}", LSTM_TP, xfails=[SCAN_SCHEMA, ONE_MINUS_SQUARE])
+          f"batch {BATCH}", LSTM_TP)
 def lstm_lm():
     batch = _tokens(11)
     f, params = _pure(_lstm_lm, batch)

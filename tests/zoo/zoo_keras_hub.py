@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from harness import ONE_MINUS_SQUARE, STACK, Built, register  # noqa: E402
+from harness import Built, register  # noqa: E402
 
 assert keras.backend.backend() == "jax", f"KERAS_BACKEND must be jax, is {keras.backend.backend()}"
 
@@ -58,7 +58,7 @@ GPT2_TP = [
 
 @register("keras_hub/gpt2", "keras-hub",
           f"GPT2CausalLM: vocab {VOCAB}, hidden {D}, 4 heads, intermediate 64, {LAYERS} layers, "
-          f"seq {SEQ}, batch {BATCH}", GPT2_TP, xfails=[ONE_MINUS_SQUARE])
+          f"seq {SEQ}, batch {BATCH}", GPT2_TP)
 def gpt2():
     keras.utils.set_random_seed(0)
     backbone = keras_hub.models.GPT2Backbone(
@@ -82,8 +82,7 @@ MIXTRAL_TP = [
 
 @register("keras_hub/mixtral_moe", "keras-hub",
           f"MixtralCausalLM: vocab {VOCAB}, hidden {D}, 4 query / 2 kv heads, 4 experts (top 2) "
-          f"of intermediate 32, {LAYERS} layers, seq {SEQ}, batch {BATCH}", MIXTRAL_TP,
-          xfails=[STACK])
+          f"of intermediate 32, {LAYERS} layers, seq {SEQ}, batch {BATCH}", MIXTRAL_TP)
 def mixtral():
     keras.utils.set_random_seed(0)
     backbone = keras_hub.models.MixtralBackbone(

@@ -10,7 +10,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 from recurrentgemma import jax as rg
 
-from harness import EVAL_JAXPR_UNSTACK, ONE_MINUS_SQUARE, SCAN_SCHEMA, Built, register
+from harness import Built, register
 
 VOCAB, D, SEQ, BATCH = 64, 32, 16, 16
 
@@ -36,8 +36,7 @@ GRIFFIN_TP = [
 
 @register("recurrentgemma/griffin", "recurrentgemma",
           f"Griffin: vocab {VOCAB}, width {D}, lru width {D}, 4 heads, mlp 64, blocks (recurrent, "
-          f"local attention window 8), native linear scan, seq {SEQ}, batch {BATCH}", GRIFFIN_TP,
-          xfails=[SCAN_SCHEMA, ONE_MINUS_SQUARE, EVAL_JAXPR_UNSTACK])
+          f"local attention window 8), native linear scan, seq {SEQ}, batch {BATCH}", GRIFFIN_TP)
 def griffin():
     config = rg.GriffinConfig(
         vocab_size=VOCAB, width=D, mlp_expanded_width=64, num_heads=4, lru_width=D,

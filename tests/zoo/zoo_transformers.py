@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 from transformers import (BertConfig, FlaxBertForMaskedLM, FlaxGPT2LMHeadModel, FlaxLlamaForCausalLM,
                           GPT2Config, LlamaConfig)
 
-from harness import ONE_MINUS_SQUARE, POLYNOMIAL, Built, register
+from harness import Built, register
 
 VOCAB, D, SEQ, BATCH, LAYERS = 64, 32, 16, 16, 2
 
@@ -46,7 +46,7 @@ GPT2_TP = [
 
 @register("transformers/gpt2", "transformers",
           f"FlaxGPT2LMHeadModel: vocab {VOCAB}, n_embd {D}, 4 heads, {LAYERS} layers, seq {SEQ}, batch {BATCH}",
-          GPT2_TP, xfails=[ONE_MINUS_SQUARE])
+          GPT2_TP)
 def gpt2():
     cfg = GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=D, n_layer=LAYERS, n_head=4,
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
@@ -93,7 +93,7 @@ BERT_TP = [
 
 @register("transformers/bert", "transformers",
           f"FlaxBertForMaskedLM: vocab {VOCAB}, hidden {D}, 4 heads, intermediate 64, {LAYERS} layers, "
-          f"seq {SEQ}, batch {BATCH}", BERT_TP, xfails=[POLYNOMIAL])
+          f"seq {SEQ}, batch {BATCH}", BERT_TP)
 def bert():
     cfg = BertConfig(vocab_size=VOCAB, hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=4,
                      intermediate_size=64, max_position_embeddings=SEQ, hidden_dropout_prob=0.0,

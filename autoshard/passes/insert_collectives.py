@@ -51,7 +51,23 @@ def run(program):
         if not new:
             break
         eager |= new
+    _per_microbatch(program)
     return program
+
+
+def _per_microbatch(program):
+    """Reshards inside a pipelined loop body run on one microbatch: their per-device shapes
+    have the batch dim cut M ways (the lowering runs them on the microbatch view)."""
+    import dataclasses
+    for pipe in program.pipelines.values():
+        for k, r in enumerate(program.reshards):
+            d = pipe.batch_dims.get(r.value)
+            if d is None or r.internal:
+                continue
+            ts = tuple(dataclasses.replace(t, in_shape=tuple(n // pipe.microbatches if i == d else n
+                                                             for i, n in enumerate(t.in_shape)))
+                       if t.in_shape else t for t in r.transforms)
+            program.reshards[k] = dataclasses.replace(r, transforms=ts)
 
 
 def _earliest_shared(v, partial_source, uses):

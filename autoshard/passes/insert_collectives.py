@@ -322,7 +322,7 @@ def _stage_axes(program, eqn) -> tuple:
     pipe = program.pipelines.get(eqn.index)
     if pipe is not None:
         return (pipe.axis,)
-    if eqn.prim.name != "scan":
+    if eqn.prim.name != "scan" or not eqn.pipelined:
         return ()
     p = eqn.params
     nc, nk = p["num_consts"], p["num_carry"]

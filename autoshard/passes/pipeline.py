@@ -16,6 +16,8 @@ def compile(graph, mesh_info, in_specs, out_specs, in_paths, out_paths, auto=Non
     steps = [
         # Seed closed layouts from in/out specs and constraints; reject bad specs.
         (import_annotations.name, lambda p: import_annotations.run(p, in_specs, out_specs)),
+        # Scans reading stacked inputs with an annotated split of the stacked dim: pipelines.
+        (stages.mark_name, stages.mark),
         # auto=True: every open top-level layout from a MILP over factor assignments.
         *([(auto_search.name, lambda p: auto_search.run(p, **auto))] if auto is not None else []),
         # Fixed point of factor-based propagation, forward and backward, cost on conflicts.

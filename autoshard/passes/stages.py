@@ -21,6 +21,24 @@ from ..compiler.program import PipelinePlan
 from ..errors import ShardingError
 
 name = "stages"
+mark_name = "mark_stages"
+
+
+def mark(program):
+    """Before propagation: mark the top-level scans that read a stacked input whose annotation
+    (in_specs or a sharding constraint) splits its stacked dim; only their stacked factor may
+    be split (``Eqn.pipelined``), so layouts chosen by the layout search or propagated from
+    elsewhere never turn a loop into a pipeline."""
+    for eqn in program.graph.eqns:
+        if eqn.prim.name != "scan":
+            continue
+        p = eqn.params
+        for v in eqn.invars[p["num_consts"] + p["num_carry"]:]:
+            prov = program.provenance.get(v)
+            if (v in program.closed and prov is not None and prov.kind in ("annotation", "constraint")
+                    and program.layouts[v].dims and program.layouts[v].dims[0]):
+                eqn.pipelined = True
+    return program
 
 
 def _stacked_axes(program, eqn):
@@ -42,7 +60,7 @@ def run(program, microbatches=None):
     sizes = program.axis_sizes
     top = {id(e) for e in program.graph.eqns}
     for eqn in program.graph.all_eqns():
-        if eqn.prim.name != "scan":
+        if eqn.prim.name != "scan" or not eqn.pipelined:
             continue
         split = _stacked_axes(program, eqn)
         if not split:

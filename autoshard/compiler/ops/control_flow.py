@@ -9,9 +9,10 @@ layers with stacked weights ``w[L, D, F]``::
     body       w_i (d)(f)       carry_in (b)(d)  carry_out (b)(d)
     results    carry (b)(d)
 
-The scanned dim ``l`` is one ``pass`` factor shared by every xs and ys: split over a mesh
-axis it makes the loop a *pipeline* over that axis (``passes/stages.py`` plans it,
-``runtime/pipelined_scan.py`` runs it); unsplit, each iteration reads one slice. The loop carry has
+The scanned dim ``l`` is one factor shared by every xs and ys. It is never split (each
+iteration reads one slice), except in a loop whose stacked inputs carry an annotated split
+(``Eqn.pipelined``): there it is a ``pass`` factor and the loop is a *pipeline* over that axis
+(``passes/stages.py`` plans it, ``runtime/pipelined_scan.py`` runs it). The loop carry has
 one layout in every iteration: init, carry-in, carry-out and the final carry share factors,
 and ``insert_collectives`` reshards the body's carry-out back into the carry-in layout.
 Lowering rebuilds the loop around the per-device body (``lax.scan`` / ``while_loop`` /
@@ -20,6 +21,7 @@ Lowering rebuilds the loop around the per-device body (``lax.scan`` / ``while_lo
 from __future__ import annotations
 
 from . import FactorBuilder, register
+from ..kinds import FactorKind
 
 
 def _same_dims(fb, shape):
@@ -42,9 +44,11 @@ def scan_factors(eqn):
         operands[nc + k] = dims
         results[k] = dims
         linked += [(body.invars[nc + k], dims), (body.outvars[k], dims)]
-    # The stacked dim: one factor for every xs and ys (they are iterated together). Split
-    # over a mesh axis, the loop becomes a pipeline over it (each device runs its layers).
-    layer = fb.new(p["length"]) if len(eqn.invars) > nc + nk or len(eqn.outvars) > nk else ()
+    # The stacked dim: one factor for every xs and ys (they are iterated together). In a loop
+    # whose stacked inputs carry an annotated split (``eqn.pipelined``), it may be split: the
+    # loop becomes a pipeline over that axis. Otherwise each iteration reads one whole slice.
+    kind = FactorKind.PASS if getattr(eqn, "pipelined", False) else FactorKind.REPLICATE
+    layer = fb.new(p["length"], kind) if len(eqn.invars) > nc + nk or len(eqn.outvars) > nk else ()
     for i in range(nc + nk, len(eqn.invars)):                  # xs: slice i of dim 0 per step
         shape = eqn.invars[i].shape
         inner = _same_dims(fb, shape[1:])

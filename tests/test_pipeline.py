@@ -18,12 +18,12 @@ LR = 1e-3
 
 # ----------------------------------------------------------------------------- a tiny layer loop
 
-def _mlp_stack(w, x):
+def _mlp_stack(w, x, remat=False):
     """8 residual tanh layers as a scan; returns the output and every layer's activation."""
     def layer(h, wi):
         h = h + jnp.tanh(h @ wi)
         return h, h
-    h, hs = jax.lax.scan(layer, x, w)
+    h, hs = jax.lax.scan(jax.checkpoint(layer) if remat else layer, x, w)
     return h, hs
 
 
@@ -32,13 +32,13 @@ def _stack_args(L=8, B=8, D=16, seed=0):
     return jax.random.normal(k1, (L, D, D)) / np.sqrt(D), jax.random.normal(k2, (B, D))
 
 
-@pytest.mark.parametrize("microbatches", [None, 2, 8])
-def test_layer_loop_pipeline_forward_and_grad(microbatches):
+@pytest.mark.parametrize("microbatches,remat", [(None, False), (2, False), (8, True)])
+def test_layer_loop_pipeline_forward_and_grad(microbatches, remat):
     w, x = _stack_args()
     mesh = ash.make_mesh({"stage": 4}, devices=jax.devices()[:4])
 
     def f(w, x):
-        (h, hs), vjp = jax.vjp(_mlp_stack, w, x)
+        (h, hs), vjp = jax.vjp(lambda w, x: _mlp_stack(w, x, remat), w, x)
         gw, gx = vjp((jnp.ones_like(h), jnp.zeros_like(hs)))
         return h, hs, gw, gx
     pf = ash.parallelize(f, mesh=mesh, in_specs=(P("stage"), None), microbatches=microbatches)

@@ -172,3 +172,34 @@ def test_scanned_gpt_adamw_pipeline_with_data_and_model_axes():
     _, _, rep = _check_gpt_pipeline({"stage": 2, "data": 2, "model": 2}, n_layers=4, batch_size=8)
     kinds = {(c.kind, c.mesh_axes) for c in rep.collectives}
     assert ("all-reduce", ("model",)) in kinds and ("collective-permute", ("stage",)) in kinds
+
+
+# ----------------------------------------------------------------------------- planning at scale
+
+def test_1t_gpt_pipeline_plan_on_2048_abstract_devices():
+    """The 1T GPT with the pp preset on data=8,fsdp=8,stage=4,model=8: per-device parameters
+    and kept activations against the analytic formulas (no devices needed)."""
+    import test_abstract_planning
+    import test_planning
+    from autoshard.models import gpt
+    cfg, batch_size = gpt.SIZES["1t"], 256
+    shape = {"data": 8, "fsdp": 8, "stage": 4, "model": 8}
+    rep, *_ = test_planning._plan(cfg, ash.abstract_mesh(shape), "pp", batch_size)
+    S, m, f = shape["stage"], shape["model"], shape["fsdp"]
+    d, ff, v, t, L = cfg.d_model, cfg.ff_dim, cfg.vocab_size, cfg.seq_len, cfg.n_layers
+    item = jnp.dtype(cfg.dtype).itemsize
+    # Kernels: stacked layers over stage, Megatron over model, one dim over fsdp; embeddings,
+    # positions and the lm head over fsdp only (biases and layernorms are below 0.1%).
+    params = (L * (4 * d * d + 2 * d * ff) / (S * m * f) + (2 * v * d + t * d) / f) * item
+    mem = rep.memory()
+    assert abs(mem["parameters"] - params) / params < 0.01, (mem["parameters"], params)
+    # Kept activations: the fsdp_tp formula's per-layer residuals for this stage's L/S layers
+    # (every microbatch's: GPipe keeps them all), plus the loss head on every stage.
+    an = test_abstract_planning._analytic_activations(cfg, {"data": 8, "fsdp": 8, "model": 8}, batch_size)
+    b = batch_size // (shape["data"] * shape["fsdp"])
+    top = 3 * b * t * d * 4 + 2 * b * t * v * 4
+    acts = (an["activations_for_backward"] - top) / S + top
+    assert abs(mem["activations_for_backward"] - acts) / acts < 0.02, (mem["activations_for_backward"], acts)
+    (fwd, bwd) = rep.pipeline
+    assert (fwd.stages, fwd.microbatches, fwd.layers_per_stage) == (4, 4, 32)
+    assert fwd.bytes_per_tick == (b // 4) * t * d * item == bwd.bytes_per_tick

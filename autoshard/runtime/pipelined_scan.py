@@ -126,8 +126,12 @@ def lower_pipelined_scan(eqn, plan, args, run_graph, out_shapes):
 
     state0 = [jnp.zeros_like(_mb(x, d, 0, n)) for x, d, n in zip(init, plan.carry_dims, carry_sz)]
     finished0 = [jnp.zeros_like(x) for x in init]
-    ybufs0 = [jnp.zeros(shape, dt) for shape, dt in zip(ys_shapes, dtypes[nk:])]
+    # Sums over microbatches (parameter gradients) accumulate in float32 at least.
+    acc = [jnp.promote_types(dt, jnp.float32) if kind == "sum" and jnp.issubdtype(dt, jnp.floating) else dt
+           for dt, kind in zip(dtypes[nk:], plan.ys_kinds)]
+    ybufs0 = [jnp.zeros(shape, dt) for shape, dt in zip(ys_shapes, acc)]
     _, finished, ybufs = lax.fori_loop(0, M + S - 1, tick, (state0, finished0, ybufs0))
+    ybufs = [b.astype(dt) for b, dt in zip(ybufs, dtypes[nk:])]
     last = 0 if reverse else S - 1
     carry = [collectives.stage_broadcast(f, axis, last, stage) for f in finished]
     return carry + list(ybufs)

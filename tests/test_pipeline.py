@@ -203,3 +203,14 @@ def test_1t_gpt_pipeline_plan_on_2048_abstract_devices():
     (fwd, bwd) = rep.pipeline
     assert (fwd.stages, fwd.microbatches, fwd.layers_per_stage) == (4, 4, 32)
     assert fwd.bytes_per_tick == (b // 4) * t * d * item == bwd.bytes_per_tick
+
+
+def test_pipeline_collectives_run_once_per_tick():
+    w, x = _stack_args()
+    mesh = ash.make_mesh({"stage": 4}, devices=jax.devices()[:4])
+    rep = ash.parallelize(lambda w, x: _mlp_stack(w, x)[0], mesh=mesh, in_specs=(P("stage"), None),
+                          microbatches=2).report(w, x)
+    (permute,) = [c for c in rep.collectives if c.kind == "collective-permute"]
+    (handoff,) = [c for c in rep.collectives if c.kind == "all-reduce"]
+    assert permute.trips == rep.pipeline[0].ticks == 5 and handoff.trips == 1
+    assert rep.step_wire_bytes == 5 * permute.wire_bytes + handoff.wire_bytes

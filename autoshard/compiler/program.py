@@ -41,6 +41,7 @@ class Reshard:
     source: str
     consumer: str
     internal: bool = False      # run by the op's own lowering (halo exchange, ...), not a reshard
+    trips: int = 0              # times it runs per step when not its value's loop trips (pipeline ticks)
 
 
 @dataclass(frozen=True)

@@ -216,7 +216,7 @@ class _Placer:
             self.p.reshards.append(Reshard(
                 v, lay, lay, (Transform("collective-permute", (pipe.axis,), in_shape=tuple(local)),),
                 f"{where}: pipeline over {pipe.axis!r}: each tick shifts a microbatch's activations to the "
-                f"{direction} stage", eqn.source, where, internal=True))
+                f"{direction} stage", eqn.source, where, internal=True, trips=pipe.ticks))
             self.p.reshards.append(Reshard(
                 v, lay, lay, (Transform("all-reduce", (pipe.axis,), in_shape=whole),),
                 f"{where}: pipeline over {pipe.axis!r}: the {'first' if pipe.reverse else 'last'} stage hands "

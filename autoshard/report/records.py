@@ -80,7 +80,7 @@ def collective_records(ctx) -> list[CollectiveRecord]:
                 compat.dtype_name(r.value.dtype), math.prod(t.in_shape) * itemsize,
                 transform_bytes(t, itemsize, sizes), transform_time(t, itemsize, sizes, links),
                 r.reason, r.source, ctx.name_of(r.value), r.consumer, layer,
-                parse_source(r.source)["module"], t.group_size(sizes), ctx.trips_of(r.value)))
+                parse_source(r.source)["module"], t.group_size(sizes), r.trips or ctx.trips_of(r.value)))
     return out
 
 

@@ -199,7 +199,9 @@ def test_1t_gpt_pipeline_plan_on_2048_abstract_devices():
     b = batch_size // (shape["data"] * shape["fsdp"])
     top = 3 * b * t * d * 4 + 2 * b * t * v * 4
     acts = (an["activations_for_backward"] - top) / S + top
-    assert abs(mem["activations_for_backward"] - acts) / acts < 0.02, (mem["activations_for_backward"], acts)
+    # (0.3% on JAX 0.10.2; 2% on 0.12, whose gelu derivative keeps fewer residuals: the same
+    # 5% as test_abstract_planning's fsdp_tp check.)
+    assert mem["activations_for_backward"] == pytest.approx(acts, rel=0.05)
     (fwd, bwd) = rep.pipeline
     assert (fwd.stages, fwd.microbatches, fwd.layers_per_stage) == (4, 4, 32)
     assert fwd.bytes_per_tick == (b // 4) * t * d * item == bwd.bytes_per_tick

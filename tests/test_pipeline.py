@@ -216,3 +216,11 @@ def test_pipeline_collectives_run_once_per_tick():
     (handoff,) = [c for c in rep.collectives if c.kind == "all-reduce"]
     assert permute.trips == rep.pipeline[0].ticks == 5 and handoff.trips == 1
     assert rep.step_wire_bytes == 5 * permute.wire_bytes + handoff.wire_bytes
+
+
+def test_auto_search_with_a_pipeline_is_refused_clearly():
+    w, x = _stack_args()
+    mesh = ash.make_mesh({"stage": 4, "data": 2})
+    with pytest.raises(ash.ShardingError, match="auto=True does not plan pipelined"):
+        ash.parallelize(lambda w, x: _mlp_stack(w, x)[0], mesh=mesh, in_specs=(P("stage"), P("data")),
+                        auto=True).report(w, x)

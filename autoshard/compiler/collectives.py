@@ -199,3 +199,21 @@ def dynamic_place(y, dim, axes, axis_sizes, start, step, total):
     shape[dim] = total
     offset = start + block_index(axes, axis_sizes) * step
     return lax.dynamic_update_slice_in_dim(jnp.zeros(shape, y.dtype), y, offset, axis=dim)
+
+
+# -- pipelines (runtime/pipelined_scan.py)
+def stage_index(axis):
+    """This device's index along the pipeline's stage axis."""
+    return lax.axis_index(axis)
+
+
+def stage_shift(x, axis, stages, reverse=False):
+    """One collective-permute: stage ``s`` sends ``x`` to ``s + 1`` (``s - 1`` when
+    ``reverse``); the first stage (last, when ``reverse``) receives zeros."""
+    pairs = [(s, s - 1) for s in range(1, stages)] if reverse else [(s, s + 1) for s in range(stages - 1)]
+    return lax.ppermute(x, axis, pairs)
+
+
+def stage_broadcast(x, axis, src, stage):
+    """Every stage gets stage ``src``'s ``x`` (one all-reduce of ``x`` kept on ``src`` only)."""
+    return lax.psum(jnp.where(stage == src, x, jnp.zeros_like(x)), axis)

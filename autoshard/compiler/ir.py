@@ -88,6 +88,9 @@ class Eqn:
     # Bodies of control flow kept as regions (scan/while body, cond branches, remat):
     # their values live in the same program and get layouts like any other value.
     subgraphs: list["Graph"] = field(default_factory=list)
+    # A scan over layers whose stacked inputs carry an annotated split (passes/stages.py):
+    # its stacked dim is a ``pass`` factor, so the split reaches every xs and ys (a pipeline).
+    pipelined: bool = False
 
 
 @dataclass

@@ -41,6 +41,7 @@ class Reshard:
     source: str
     consumer: str
     internal: bool = False      # run by the op's own lowering (halo exchange, ...), not a reshard
+    trips: int = 0              # times it runs per step when not its value's loop trips (pipeline ticks)
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,45 @@ class Fallback:
 
 
 @dataclass
+class PipelinePlan:
+    """A ``scan`` over layers whose stacked dim is split over mesh axis ``axis``: run as a GPipe
+    pipeline of ``stages`` stages and ``microbatches`` microbatches (``passes/stages.py``).
+
+    Each device runs its ``layers // stages`` layers on the microbatch it holds, then shifts
+    the activations (the carries) to the next stage with one collective-permute per carry;
+    ``reverse`` (the transposed scan of a gradient) runs the stages last to first. Dims are
+    those of the loop body (per iteration); ``ys_kinds``: ``concat`` (split on the batch,
+    written at the microbatch's offset), ``sum`` (accumulated: parameter gradients),
+    ``once`` (batch-free).
+    """
+    eqn: int
+    source: str
+    axis: str
+    stages: int
+    microbatches: int
+    layers: int
+    reverse: bool
+    const_dims: tuple
+    carry_dims: tuple
+    xs_dims: tuple
+    ys_kinds: tuple
+    ys_dims: tuple
+    local_batch: int                              # per-device batch (other axes' shards)
+    bytes_per_tick: int = 0                       # per device, the activations one shift moves
+    batch_dims: dict = field(default_factory=dict, repr=False)   # body Value -> batch dim
+    schedule: str = "gpipe"
+
+    @property
+    def ticks(self) -> int:
+        return self.microbatches + self.stages - 1
+
+    @property
+    def bubble_fraction(self) -> float:
+        """Idle share of a stage's ticks: (S-1)/(M+S-1)."""
+        return (self.stages - 1) / self.ticks
+
+
+@dataclass
 class ShardedProgram:
     graph: Graph
     mesh: MeshInfo
@@ -98,6 +138,8 @@ class ShardedProgram:
     # Equations of primitives without a rule, computed on replicated operands (in program order).
     fallbacks: list[Fallback] = field(default_factory=list)
     pass_seconds: dict[str, float] = field(default_factory=dict)
+    # Pipelined layer loops: scan Eqn.index -> PipelinePlan (passes/stages.py).
+    pipelines: dict[int, PipelinePlan] = field(default_factory=dict)
     # auto=True: the strategy the layout search chose per equation, and its statistics.
     auto_assignments: dict[int, tuple] = field(default_factory=dict)
     search: object = None

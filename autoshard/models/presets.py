@@ -17,7 +17,16 @@ dp_tp    as tp                                          ``P('data', None..)``
 sp       as tp; GPT's residual stream split on sequence ``P('data'?, 'model')``
 fsdp_tp  as tp, plus one other dim over ``'fsdp'``       ``P(('data', 'fsdp'), ..)``
          (``'data'`` when the mesh has no ``'fsdp'``)
+pp       scanned GPT: stacked layer dim on ``'stage'``;   ``P(('data', 'fsdp')?, ..)``
+         tp on ``'model'`` and one dim on ``'fsdp'`` when
+         the mesh has them
 ======== ============================================== ======================
+
+``pp`` is pipeline parallelism (GPipe): the layer loop of the scanned GPT
+(``GPTConfig(scan_layers=True)``, set by :func:`configure`) runs as a pipeline over
+``'stage'``; the mesh's ``'data'``, ``'fsdp'`` and ``'model'`` axes, when present, work as in
+dp, fsdp_tp and tp. It needs the ``'stage'`` axis, so it is not among the strategies the
+validation loops enumerate (:data:`PIPELINE_STRATEGIES`).
 
 ``fsdp_tp`` (ZeRO-3 with Megatron) fits 3-axis meshes such as ``data=16,fsdp=16,model=8``:
 ``'data'`` replicates parameters (pure data parallelism), ``'fsdp'`` shards them and the
@@ -57,6 +66,9 @@ __all__ = ["STRATEGIES", "DATA_AXIS", "MODEL_AXIS", "EXPERT_AXIS", "required_axe
 
 #: Every strategy name some reference model accepts; :func:`strategies` says which a model has.
 STRATEGIES = ("dp", "fsdp", "tp", "dp_tp", "sp", "ep", "fsdp_tp")
+#: Pipeline strategies (a 'stage' mesh axis and scanned layers); not in ``strategies(model)``.
+PIPELINE_STRATEGIES = {"gpt": ("pp",)}
+STAGE_AXIS = "stage"
 DATA_AXIS = "data"
 MODEL_AXIS = "model"
 EXPERT_AXIS = "expert"
@@ -77,6 +89,7 @@ _REQUIRED_AXES = {
     "sp": (MODEL_AXIS,),          # 'data', when the mesh has it, carries the batch
     "ep": (EXPERT_AXIS,),
     "fsdp_tp": (DATA_AXIS, MODEL_AXIS),   # and FSDP_AXIS when the mesh has it
+    "pp": ("stage",),                     # and 'data', 'fsdp', 'model' when the mesh has them
 }
 
 # Megatron rules keyed by (module name, leaf name), i.e. the last two keys of a
@@ -101,8 +114,14 @@ def required_axes(strategy: str) -> tuple[str, ...]:
 
 
 def _check_strategy(strategy: str, model_name: str | None = None) -> None:
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
+    pipelines = {s for names in PIPELINE_STRATEGIES.values() for s in names}
+    if strategy not in STRATEGIES and strategy not in pipelines:
+        raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES + tuple(sorted(pipelines))}")
+    if strategy in pipelines:
+        if model_name is not None and strategy not in PIPELINE_STRATEGIES.get(model_name, ()):
+            raise ValueError(f"model {model_name!r} has no strategy {strategy!r}; pipelines are "
+                             f"available for {sorted(PIPELINE_STRATEGIES)}")
+        return
     if model_name is not None and strategy not in strategies(model_name):
         raise ValueError(f"model {model_name!r} has no strategy {strategy!r}; its strategies "
                          f"are {strategies(model_name)}")
@@ -142,6 +161,9 @@ def configure(model_name: str, config: Any, strategy: str, mesh_axis_names) -> A
     if module is not None:
         return module.configure(config, strategy, mesh_axis_names) \
             if hasattr(module, "configure") else config
+    if strategy == "pp":
+        import dataclasses
+        return dataclasses.replace(config, scan_layers=True)
     if strategy == "sp":
         import dataclasses
         return dataclasses.replace(
@@ -246,6 +268,8 @@ def param_specs(model_name: str, params: dict, strategy: str,
         return _map_with_path(lambda path, x: _fsdp_spec(tuple(x.shape), n_data, _stacked(path)), params)
     if strategy == "fsdp_tp":
         return _fsdp_tp_specs(model_name, params, tuple(mesh_axis_names), mesh_shape)
+    if strategy == "pp":
+        return _pp_specs(model_name, params, tuple(mesh_axis_names), mesh_shape)
     # tp, dp_tp and sp share the Megatron parameter layout.
     n_model = _axis_size(mesh_shape, MODEL_AXIS)
     return _map_with_path(
@@ -270,6 +294,12 @@ def batch_specs(model_name: str, batch: dict, strategy: str,
     if strategy == "fsdp_tp":
         axes = _fsdp_tp_batch_axes(tuple(mesh_axis_names))
         return _map_with_path(lambda path, x: _split_dim(len(x.shape), 0, axes), batch)
+    if strategy == "pp":
+        axes = tuple(a for a in (DATA_AXIS, FSDP_AXIS) if a in tuple(mesh_axis_names))
+        if not axes:
+            return _map_with_path(lambda path, x: P(), batch)
+        return _map_with_path(lambda path, x: _split_dim(len(x.shape), 0, axes if len(axes) > 1 else axes[0]),
+                              batch)
     if strategy == "sp":   # [B, T] tokens: batch over 'data' (if any), sequence over 'model'
         data = _data_axis_if_present(mesh_axis_names)
         return _map_with_path(lambda path, x: P(data, MODEL_AXIS), batch)
@@ -311,6 +341,38 @@ def _fsdp_tp_specs(model_name: str, params: dict, mesh_axis_names: tuple[str, ..
             if size > 0 and size % n_shard == 0:
                 entries[i] = shard
                 break
+        return P(*entries) if any(e is not None for e in entries) else P()
+
+    return _map_with_path(spec, params)
+
+
+def _pp_specs(model_name: str, params: dict, mesh_axis_names: tuple[str, ...],
+              mesh_shape: Mapping[str, int]) -> dict:
+    """Pipeline: the stacked layer dim over ``'stage'``; Megatron over ``'model'`` and one other
+    divisible dim over ``'fsdp'`` when the mesh has those axes.
+
+    >>> _pp_specs("gpt", {"blocks": {"mlp": {"up": {"kernel": np.zeros((8, 32, 128))}}}},
+    ...           ("stage", "model"), {"stage": 4, "model": 2})           # doctest: +SKIP
+    {'blocks': {'mlp': {'up': {'kernel': P('stage', None, 'model')}}}}
+    """
+    has_model, has_fsdp = MODEL_AXIS in mesh_axis_names, FSDP_AXIS in mesh_axis_names
+    n_stage = _axis_size(mesh_shape, STAGE_AXIS)
+
+    def spec(path, x):
+        shape = tuple(x.shape)
+        tp = tuple(_tp_spec(model_name, path, shape, _axis_size(mesh_shape, MODEL_AXIS))) if has_model else ()
+        entries = list(tp) + [None] * (len(shape) - len(tp))
+        if _stacked(path):
+            if shape[0] % n_stage:
+                raise ValueError(f"pp cannot cut the {shape[0]} stacked layers of {'/'.join(path)} into "
+                                 f"{n_stage} stages; use a 'stage' axis size that divides the layer count")
+            entries[0] = STAGE_AXIS
+        if has_fsdp:
+            n_fsdp = _axis_size(mesh_shape, FSDP_AXIS)
+            for i, size in enumerate(shape):
+                if entries[i] is None and size > 0 and size % n_fsdp == 0:
+                    entries[i] = FSDP_AXIS
+                    break
         return P(*entries) if any(e is not None for e in entries) else P()
 
     return _map_with_path(spec, params)

@@ -21,7 +21,7 @@ from ..compiler.layout import Layout
 from ..compiler.ops import get_rule, local_context, partial_passes
 from ..compiler.ops.constraint import constraint_spec
 from ..compiler.ops.control_flow import region_boundaries
-from ..compiler.planner import plan
+from ..compiler.planner import Transform, plan
 from ..compiler.cost_model import wire_bytes
 from ..compiler.program import Fallback, Reshard
 from .propagate import eqn_tensors
@@ -51,7 +51,23 @@ def run(program):
         if not new:
             break
         eager |= new
+    _per_microbatch(program)
     return program
+
+
+def _per_microbatch(program):
+    """Reshards inside a pipelined loop body run on one microbatch: their per-device shapes
+    have the batch dim cut M ways (the lowering runs them on the microbatch view)."""
+    import dataclasses
+    for pipe in program.pipelines.values():
+        for k, r in enumerate(program.reshards):
+            d = pipe.batch_dims.get(r.value)
+            if d is None or r.internal:
+                continue
+            ts = tuple(dataclasses.replace(t, in_shape=tuple(n // pipe.microbatches if i == d else n
+                                                             for i, n in enumerate(t.in_shape)))
+                       if t.in_shape else t for t in r.transforms)
+            program.reshards[k] = dataclasses.replace(r, transforms=ts)
 
 
 def _earliest_shared(v, partial_source, uses):
@@ -170,7 +186,8 @@ class _Placer:
                             e.source if e is not None else "<input>", name)
 
     def region(self, eqn):
-        ins, outs, body_outs = region_boundaries(eqn, self.canonical)
+        pipe = self.p.pipelines.get(eqn.index)
+        ins, outs, body_outs = region_boundaries(eqn, self.canonical, _stage_axes(self.p, eqn))
         where = f"{eqn.prim.name} at {eqn.source}"
         self.p.assignments[eqn.index] = ()
         for i, (v, want) in enumerate(zip(eqn.invars, ins)):
@@ -181,6 +198,29 @@ class _Placer:
             self.graph(sub, sub_outs, [f"body output {k} of {where}" for k in range(len(sub_outs))])
         for o, made in zip(eqn.outvars, outs):
             self.produce(eqn, o, made, where)
+        if pipe is not None:
+            self.pipeline_collectives(eqn, pipe, ins, where)
+
+    def pipeline_collectives(self, eqn, pipe, ins, where):
+        """The collectives a pipelined scan's lowering runs (runtime/pipelined_scan.py): per carry,
+        one collective-permute of a microbatch's activations to the next stage (in the tick loop),
+        and one all-reduce over the stage axis that hands the finished batch from the last stage
+        to every device."""
+        nc = eqn.params["num_consts"]
+        for k, d in enumerate(pipe.carry_dims):
+            v, lay = eqn.invars[nc + k], ins[nc + k]
+            local = list(lay.local_shape(v.shape, self.sizes))
+            whole = tuple(local)
+            local[d] //= pipe.microbatches
+            direction = "previous" if pipe.reverse else "next"
+            self.p.reshards.append(Reshard(
+                v, lay, lay, (Transform("collective-permute", (pipe.axis,), in_shape=tuple(local)),),
+                f"{where}: pipeline over {pipe.axis!r}: each tick shifts a microbatch's activations to the "
+                f"{direction} stage", eqn.source, where, internal=True, trips=pipe.ticks))
+            self.p.reshards.append(Reshard(
+                v, lay, lay, (Transform("all-reduce", (pipe.axis,), in_shape=whole),),
+                f"{where}: pipeline over {pipe.axis!r}: the {'first' if pipe.reverse else 'last'} stage hands "
+                f"the finished batch to every stage", eqn.source, where, internal=True))
 
     def equation(self, eqn):
         p = self.p
@@ -270,7 +310,24 @@ def _place(program, eager) -> set:
     placer.graph(graph, program.out_layouts, [f"output {path}" for path in program.out_paths])
     for eqn in graph.all_eqns():
         if eqn.subgraphs:
-            _, _, body_outs = region_boundaries(eqn, placer.canonical)
+            _, _, body_outs = region_boundaries(eqn, placer.canonical, _stage_axes(program, eqn))
             for sub, outs in zip(eqn.subgraphs, body_outs):
                 program.region_outputs[id(sub)] = outs
     return placer
+
+
+def _stage_axes(program, eqn) -> tuple:
+    """Mesh axes a scan's stacked dim is split over: the pipeline's stage axis, or for a scan
+    without a carry (independent layers) whatever axes split its stacked inputs."""
+    pipe = program.pipelines.get(eqn.index)
+    if pipe is not None:
+        return (pipe.axis,)
+    if eqn.prim.name != "scan" or not eqn.pipelined:
+        return ()
+    p = eqn.params
+    nc, nk = p["num_consts"], p["num_carry"]
+    for v in list(eqn.invars[nc + nk:]) + list(eqn.outvars[nk:]):
+        lay = program.layouts.get(v)
+        if lay is not None and lay.dims and lay.dims[0]:
+            return tuple(lay.dims[0])
+    return ()

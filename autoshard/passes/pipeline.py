@@ -4,20 +4,26 @@ from __future__ import annotations
 import time
 
 from ..compiler.program import ShardedProgram
-from . import auto_search, import_annotations, insert_collectives, propagate, verify
+from . import auto_search, import_annotations, insert_collectives, propagate, stages, verify
 
 
-def compile(graph, mesh_info, in_specs, out_specs, in_paths, out_paths, auto=None) -> ShardedProgram:
+def compile(graph, mesh_info, in_specs, out_specs, in_paths, out_paths, auto=None,
+            microbatches=None) -> ShardedProgram:
     """``auto``: None, or ``{"memory_budget": bytes | None, "time_limit": seconds}`` to choose
-    every open layout by the MILP search before propagation (which then fills loop bodies)."""
+    every open layout by the MILP search before propagation (which then fills loop bodies).
+    ``microbatches``: the microbatch count of pipelined layer loops (default: the stage count)."""
     program = ShardedProgram(graph, mesh_info, list(in_paths), list(out_paths), [])
     steps = [
         # Seed closed layouts from in/out specs and constraints; reject bad specs.
         (import_annotations.name, lambda p: import_annotations.run(p, in_specs, out_specs)),
+        # Scans reading stacked inputs with an annotated split of the stacked dim: pipelines.
+        (stages.mark_name, stages.mark),
         # auto=True: every open top-level layout from a MILP over factor assignments.
         *([(auto_search.name, lambda p: auto_search.run(p, **auto))] if auto is not None else []),
         # Fixed point of factor-based propagation, forward and backward, cost on conflicts.
         (propagate.name, propagate.run),
+        # Scans whose stacked dim is split over a mesh axis become GPipe pipelines over it.
+        (stages.name, lambda p: stages.run(p, microbatches)),
         # Per equation: final assignment on actual (possibly partial) layouts; plan reshards.
         (insert_collectives.name, insert_collectives.run),
         # Internal consistency checks before lowering.

@@ -58,6 +58,15 @@ class ReportContext:
         #: ``while`` loops, whose trip count is not known from the program (taken as 1).
         self.unknown_trip_counts = sum(e.prim.name == "while" for e in self.eqns)
         self._trips = trip_counts(graph)
+        # A pipelined layer loop runs its body ticks x L/S times per device (on microbatches).
+        for pipe in program.pipelines.values():
+            (body,) = self._eqn_by_index[pipe.eqn].subgraphs
+            mult = pipe.ticks * (pipe.layers // pipe.stages)
+            self._trips.update(dict.fromkeys(body.invars, mult))
+            for be in body.eqns:
+                self._trips[be] = mult
+                self._trips.update(dict.fromkeys(be.outvars, mult))
+            trip_counts(body, mult, self._trips)
         self._roles_given = dict(roles or {})
         self._roles = self._arg_roles()
         self._labels = self._layer_labels()

@@ -80,7 +80,7 @@ def collective_records(ctx) -> list[CollectiveRecord]:
                 compat.dtype_name(r.value.dtype), math.prod(t.in_shape) * itemsize,
                 transform_bytes(t, itemsize, sizes), transform_time(t, itemsize, sizes, links),
                 r.reason, r.source, ctx.name_of(r.value), r.consumer, layer,
-                parse_source(r.source)["module"], t.group_size(sizes), ctx.trips_of(r.value)))
+                parse_source(r.source)["module"], t.group_size(sizes), r.trips or ctx.trips_of(r.value)))
     return out
 
 
@@ -140,3 +140,35 @@ def source_groups(equations, collectives) -> list[dict]:
         g["collectives"] += 1
         g["wire_bytes"] += c.wire_bytes
     return sorted(groups.values(), key=lambda g: (g["file"], g["line"], g["source"]))
+
+
+@dataclass(frozen=True)
+class PipelineRecord:
+    """One pipelined layer loop (``passes/stages.py``): a GPipe schedule of ``ticks`` =
+    microbatches + stages - 1 ticks over mesh axis ``axis``; ``bubble_fraction`` =
+    (S-1)/(M+S-1) is the share of a stage's ticks it idles; ``bytes_per_tick`` the activations
+    one device sends to the next stage per tick (one collective-permute per carry)."""
+    axis: str
+    stages: int
+    microbatches: int
+    schedule: str
+    bubble_fraction: float
+    ticks: int
+    bytes_per_tick: int
+    layers: int
+    layers_per_stage: int
+    direction: str              # "forward", or "backward" for the transposed (gradient) scan
+    source: str
+
+    def __str__(self) -> str:
+        return (f"{self.direction} pipeline over {self.axis!r} at {self.source}: {self.schedule}, "
+                f"{self.stages} stages x {self.layers_per_stage} layers, {self.microbatches} microbatches, "
+                f"{self.ticks} ticks, bubble {self.bubble_fraction:.1%}, {self.bytes_per_tick:,} bytes "
+                f"per device per tick")
+
+
+def pipeline_records(program) -> list[PipelineRecord]:
+    return [PipelineRecord(p.axis, p.stages, p.microbatches, p.schedule, p.bubble_fraction, p.ticks,
+                           p.bytes_per_tick, p.layers, p.layers // p.stages,
+                           "backward" if p.reverse else "forward", p.source)
+            for _, p in sorted(program.pipelines.items())]

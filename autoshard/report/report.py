@@ -102,6 +102,8 @@ class ShardingReport:
         self._memory = MemoryModel(self.context)
         self.collectives = records.collective_records(self.context)
         self.equations = records.equation_rows(self.context)
+        #: One record per pipelined layer loop (axis, stages, microbatches, schedule, bubble).
+        self.pipeline = records.pipeline_records(program)
         self._warnings = None
 
     # -- options -------------------------------------------------------------------------

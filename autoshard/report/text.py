@@ -30,6 +30,8 @@ def summary(report) -> str:
                  f"(~{fmt_time(report.step_time_s)})")
     if report.warnings:
         text += f"; {len(report.warnings)} warning(s)"
+    for pipe in getattr(report, "pipeline", ()):
+        text += f"\n{pipe}"
     text += f"\ncost model: {report.cost_model_source}"
     search = getattr(report.program, "search", None)
     if search is not None:

@@ -120,10 +120,11 @@ class Compiled:
 class ParallelFunction:
     def __init__(self, fun, *, mesh, in_specs=None, out_specs=None, static_argnums=(),
                  donate_argnums=(), auto=False, memory_budget=None, search_time_limit=10.0, strict=False,
-                 costs=None):
+                 costs=None, microbatches=None):
         self.fun = fun
         # strict=True: a primitive without a sharding rule is an error, not a replicated fallback.
         self.strict = bool(strict)
+        self.microbatches = microbatches
         self.mesh = mesh
         # Link and compute rates: ``costs`` (a Calibration or HardwareModel), else the table
         # entry of the mesh's device kind (compiler/hardware.py; "cpu" keeps the old defaults).
@@ -229,7 +230,7 @@ class ParallelFunction:
             out_specs, out_paths = flatten_specs(self.out_specs, out_avals, "out", "out_specs")
         trace_seconds = time.perf_counter() - t0
         program = pipeline.compile(graph, self.mesh_info, flat_specs, out_specs, flat_paths, out_paths,
-                                   auto=self.auto)
+                                   auto=self.auto, microbatches=self.microbatches)
         program.pass_seconds["trace"] = trace_seconds
         for fb in program.fallbacks:
             warnings.warn(UnsupportedPrimitiveWarning(f"{self.__name__}: {fb}"), stacklevel=4)
@@ -420,7 +421,7 @@ def _where(sharding) -> str:
 
 def parallelize(fun=None, *, mesh, in_specs=None, out_specs=None, static_argnums=(),
                 donate_argnums=(), auto=False, memory_budget=None, search_time_limit=10.0,
-                strict=False, costs=None):
+                strict=False, costs=None, microbatches=None):
     """Compile single-device ``fun`` to the mesh. Decorator or call form.
 
     ``auto=True`` chooses every layout the annotations leave open by a MILP over the factor
@@ -435,10 +436,14 @@ def parallelize(fun=None, *, mesh, in_specs=None, out_specs=None, static_argnums
 
     ``costs`` prices collectives and work: ``ash.calibrate(mesh)``'s result, a
     ``HardwareModel`` or a device-kind string; default the table entry of the mesh's device
-    kind (``compiler/hardware.py``); ``report.cost_model_source`` names it."""
+    kind (``compiler/hardware.py``); ``report.cost_model_source`` names it.
+
+    A mesh axis that splits the stacked dim of a ``lax.scan`` over layers makes that loop a
+    GPipe pipeline over the axis; ``microbatches`` (default: the stage count) must divide the
+    per-device batch (``passes/stages.py``, ``report.pipeline``)."""
     def wrap(f):
         return ParallelFunction(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
                                 static_argnums=static_argnums, donate_argnums=donate_argnums, auto=auto,
                                 memory_budget=memory_budget, search_time_limit=search_time_limit,
-                                strict=strict, costs=costs)
+                                strict=strict, costs=costs, microbatches=microbatches)
     return wrap if fun is None else wrap(fun)

@@ -22,10 +22,25 @@ from ..compiler.ops import get_rule, local_context, reduction_identity
 from ..compiler.ops.control_flow import lower_region
 from ..compiler import collectives
 from ..compiler.planner import plan
+from .pipelined_scan import lower_pipelined_scan, microbatch_view
 
 
 def local_function(program):
     graph, sizes = program.graph, program.axis_sizes
+    run_graph = interpreter(program)
+
+    def local(*args):
+        args = [collectives.apply(x, plan(program.in_boundary[v], program.layouts[v], v.shape, sizes), sizes)
+                if v in program.in_boundary else x for v, x in zip(graph.invars, args)]
+        return tuple(run_graph(graph, args, program.out_layouts))
+
+    return local
+
+
+def interpreter(program):
+    """``run_graph(graph, args, out_layouts=None)``: run one graph of ``program`` (the program or
+    a loop/branch body) per device."""
+    sizes = program.axis_sizes
 
     def fetch(env, cache, v, want: Layout):
         if v.is_const:
@@ -57,7 +72,12 @@ def local_function(program):
         for eqn in g.eqns:
             in_lays = tuple(program.operand_layouts[(eqn.index, i)] for i in range(len(eqn.invars)))
             ins = [fetch(env, cache, v, lay) for v, lay in zip(eqn.invars, in_lays)]
-            if eqn.subgraphs:
+            if eqn.index in program.pipelines:
+                pipe = program.pipelines[eqn.index]
+                out_shapes = [program.produced[o].local_shape(o.shape, sizes) for o in eqn.outvars]
+                outs = lower_pipelined_scan(eqn, pipe, ins, interpreter(microbatch_view(program, pipe)),
+                                            out_shapes)
+            elif eqn.subgraphs:
                 outs = lower_region(eqn, ins, run_graph)
             else:
                 ins = mask_uneven_reductions(program, eqn, ins)
@@ -78,12 +98,7 @@ def local_function(program):
             out_layouts = program.region_outputs[id(g)]
         return [fetch(env, cache, v, lay) for v, lay in zip(g.outvars, out_layouts)]
 
-    def local(*args):
-        args = [collectives.apply(x, plan(program.in_boundary[v], program.layouts[v], v.shape, sizes), sizes)
-                if v in program.in_boundary else x for v, x in zip(graph.invars, args)]
-        return tuple(run_graph(graph, args, program.out_layouts))
-
-    return local
+    return run_graph
 
 
 def mask_uneven_reductions(program, eqn, ins):

@@ -9,7 +9,10 @@ layers with stacked weights ``w[L, D, F]``::
     body       w_i (d)(f)       carry_in (b)(d)  carry_out (b)(d)
     results    carry (b)(d)
 
-The scanned dim ``l`` is never split (each iteration reads one slice). The loop carry has
+The scanned dim ``l`` is one factor shared by every xs and ys. It is never split (each
+iteration reads one slice), except in a loop whose stacked inputs carry an annotated split
+(``Eqn.pipelined``): there it is a ``pass`` factor and the loop is a *pipeline* over that axis
+(``passes/stages.py`` plans it, ``runtime/pipelined_scan.py`` runs it). The loop carry has
 one layout in every iteration: init, carry-in, carry-out and the final carry share factors,
 and ``insert_collectives`` reshards the body's carry-out back into the carry-in layout.
 Lowering rebuilds the loop around the per-device body (``lax.scan`` / ``while_loop`` /
@@ -41,15 +44,20 @@ def scan_factors(eqn):
         operands[nc + k] = dims
         results[k] = dims
         linked += [(body.invars[nc + k], dims), (body.outvars[k], dims)]
+    # The stacked dim: one factor for every xs and ys (they are iterated together). In a loop
+    # whose stacked inputs carry an annotated split (``eqn.pipelined``), it may be split: the
+    # loop becomes a pipeline over that axis. Otherwise each iteration reads one whole slice.
+    kind = FactorKind.PASS if getattr(eqn, "pipelined", False) else FactorKind.REPLICATE
+    layer = fb.new(p["length"], kind) if len(eqn.invars) > nc + nk or len(eqn.outvars) > nk else ()
     for i in range(nc + nk, len(eqn.invars)):                  # xs: slice i of dim 0 per step
         shape = eqn.invars[i].shape
         inner = _same_dims(fb, shape[1:])
-        operands[i] = [fb.new(shape[0], FactorKind.REPLICATE)] + inner
+        operands[i] = [layer] + inner
         linked.append((body.invars[i], inner))
     for j in range(nk, len(eqn.outvars)):                      # ys: stacked along dim 0
         shape = eqn.outvars[j].shape
         inner = _same_dims(fb, shape[1:])
-        results[j] = [fb.new(shape[0], FactorKind.REPLICATE)] + inner
+        results[j] = [layer] + inner
         linked.append((body.outvars[j], inner))
     return fb.build(operands, results, linked=linked)
 
@@ -111,15 +119,16 @@ def remat_factors(eqn):
 
 
 # -- region boundary layouts (used by insert_collectives and lower) -------------------------
-def region_boundaries(eqn, layout_of):
+def region_boundaries(eqn, layout_of, stage_axes=()):
     """For a region equation: the layouts its operands must have, the layouts its results
     get, and for each body graph the layouts its outputs must have. All canonical (no
-    partials): a loop carries one fixed layout."""
+    partials): a loop carries one fixed layout. ``stage_axes``: the mesh axes a pipelined
+    scan's stacked dim is split over (its xs and ys are split over them on dim 0)."""
     from ..layout import Layout
     name = eqn.prim.name
 
     def stacked(lay):
-        return Layout(((),) + lay.dims)
+        return Layout((tuple(stage_axes),) + lay.dims)
     if name == "scan":
         p = eqn.params
         nc, nk = p["num_consts"], p["num_carry"]
@@ -165,7 +174,9 @@ def lower_region(eqn, args, run_graph):
         def step(carry, x):
             outs = run_graph(body, list(consts) + list(carry) + list(x))
             return outs[:nk], outs[nk:]
-        carry, ys = lax.scan(step, list(init), list(xs), length=p["length"], reverse=p["reverse"],
+        # A stacked dim split over a mesh axis with no carry: each device runs its own layers.
+        length = xs[0].shape[0] if xs else p["length"]
+        carry, ys = lax.scan(step, list(init), list(xs), length=length, reverse=p["reverse"],
                              unroll=p["unroll"])
         return list(carry) + list(ys)
     if name == "while":

@@ -42,45 +42,22 @@ class Built:
 
 
 @dataclasses.dataclass
-class XFail:
-    """A known engine gap: the case fails (with ``raises``) wherever ``present`` is true."""
-    reason: str
-    present: bool = True
-    raises: type | tuple | None = None
-    strategies: tuple = STRATEGIES
-
-    def applies(self, strategy: str) -> bool:
-        return self.present and strategy in self.strategies
-
-
-@dataclasses.dataclass
 class ZooModel:
     name: str                   # "<library>/<model>"
     library: str
     config: str                 # the tiny config, in words
     build: Callable[[], Built]
     tp_rules: list[Rule]
-    xfails: list[XFail] = dataclasses.field(default_factory=list)
     slow: bool = False
-
-    def xfail(self, strategy: str) -> XFail | None:
-        """The gaps this case hits on the installed JAX, merged into one (None if none)."""
-        hits = [x for x in self.xfails if x.applies(strategy)]
-        if not hits:
-            return None
-        raises = tuple(dict.fromkeys(r for x in hits for r in
-                                     (x.raises if isinstance(x.raises, tuple) else (x.raises,))))
-        return XFail("; ".join(x.reason for x in hits), raises=None if None in raises else raises)
 
 
 REGISTRY: dict[str, ZooModel] = {}
 
 
-def register(name, library, config, tp_rules, xfails=(), slow=False):
+def register(name, library, config, tp_rules, slow=False):
     """Decorator for a build function ``() -> Built``."""
     def deco(build):
-        REGISTRY[name] = ZooModel(name, library, config, functools.cache(build), list(tp_rules),
-                                  list(xfails), slow)
+        REGISTRY[name] = ZooModel(name, library, config, functools.cache(build), list(tp_rules), slow)
         return build
     return deco
 
@@ -185,13 +162,10 @@ def run_case(name: str, strategy: str):
 
 
 def cases():
-    """``pytest.param(name, strategy)`` for every model x strategy, with its xfail/slow marks."""
+    """``pytest.param(name, strategy)`` for every model x strategy, with its slow mark."""
     out = []
     for name, model in sorted(load_all().items()):
         for strategy in STRATEGIES:
             marks = [pytest.mark.slow] if model.slow else []
-            x = model.xfail(strategy)
-            if x is not None:
-                marks.append(pytest.mark.xfail(strict=True, reason=x.reason, raises=x.raises))
             out.append(pytest.param(name, strategy, marks=marks, id=f"{name}-{strategy}"))
     return out

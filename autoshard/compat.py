@@ -24,6 +24,10 @@ What differs, and where it shows:
   param may be a ``jax.Inline`` in 0.12 (``ir`` inlines every ``jit`` regardless);
   ``jax.make_mesh`` defaults to Explicit axes (``ash.make_mesh`` builds ``Auto`` meshes with
   ``jax.sharding.Mesh``); ``.vma``/``pvary`` are not used.
+- JAX internals autoshard uses, the same in every supported release, imported here only so a
+  release that moves them means one edit: the threefry primitive (random bits per device) and
+  the parser of ``custom_partitioning``'s rule strings (:func:`threefry2x32_p`,
+  :func:`sharding_rule_parser`).
 - Extended dtypes (typed PRNG keys, ``key<fry>``) have no NumPy dtype in any version:
   :func:`canonicalize_dtype` and :func:`itemsize` accept them (``np.dtype(v.dtype)`` does not).
 
@@ -120,6 +124,19 @@ def dtype_name(dtype) -> str:
 
 
 # -- collectives -------------------------------------------------------------------------
+def threefry2x32_p():
+    """The threefry-2x32 hash primitive (``jax._src.random.threefry2x32``)."""
+    from jax._src.random.threefry2x32 import threefry2x32_p as prim
+    return prim
+
+
+def sharding_rule_parser():
+    """``(BATCHING, str_to_sdy_sharding_rule)`` of ``jax._src.custom_partitioning_sharding_rule``:
+    the prefix of ellipsis factor names and the parser of rule strings."""
+    from jax._src.custom_partitioning_sharding_rule import BATCHING, str_to_sdy_sharding_rule
+    return BATCHING, str_to_sdy_sharding_rule
+
+
 def ppermute_any_axis_order():
     """Context in which ``lax.ppermute`` may name mesh axes out of mesh order (0.12 raises by
     default; older releases never checked)."""

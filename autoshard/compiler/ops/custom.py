@@ -48,12 +48,13 @@ from jax.extend import core as jcore
 from jax.experimental.custom_partitioning import SdyShardingRule, custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
+from ... import compat
 from ...errors import ShardingRuleError, UnsupportedPrimitiveError
 from ..mesh import abstract_mesh
 from . import RULES, FactorBuilder, FactorRule, OpRule, _load_families
 
 # JAX's parser of the string notation (same module and API in JAX 0.10.2 through 0.12).
-from jax._src.custom_partitioning_sharding_rule import BATCHING, str_to_sdy_sharding_rule
+BATCHING, str_to_sdy_sharding_rule = compat.sharding_rule_parser()
 
 _UNIT = "autoshard_unit"         # factor names standing for a "1" in a rule string
 

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ... import compat
 from . import FactorBuilder, register
 from .elementwise import elementwise_factors
 from .. import collectives
@@ -97,7 +98,7 @@ def _partitionable(eqn) -> bool:
 
 
 def _lower_random_bits(eqn, ctx, args):
-    from jax._src.random.threefry2x32 import threefry2x32_p   # jax is pinned exactly
+    threefry2x32_p = compat.threefry2x32_p()
     (key,) = args
     shape, bits = eqn.params["shape"], eqn.params["bit_width"]
     layout, local = ctx.out_layouts[0], ctx.out_shapes[0]

@@ -2,6 +2,7 @@
 docs/report_schema.json) and in the HTML page (a stages x ticks schedule chart)."""
 import json
 import pathlib
+from html.parser import HTMLParser
 
 import jax
 import jax.numpy as jnp
@@ -51,3 +52,62 @@ def test_pipeline_in_json_and_schema(rep, tmp_path):
     assert not validator.is_valid(bad)
     del bad["pipeline"][0]["extra"], bad["pipeline"][0]["ticks"]
     assert not validator.is_valid(bad)
+
+
+class _PipeTables(HTMLParser):
+    """Collects, per ``table.pipe``, its body rows as lists of cell texts ('' for a bubble)."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables, self._row, self._cell = [], None, None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "table" and a.get("class") == "pipe":
+            self.tables.append([])
+        elif tag == "tr" and a.get("class") == "stage" and self.tables:
+            self._row = []
+        elif tag == "td" and self._row is not None:
+            self._cell = [a.get("class"), ""]
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell[1] += data
+
+    def handle_endtag(self, tag):
+        if tag == "td" and self._cell is not None:
+            self._row.append(self._cell[1].strip() if self._cell[0] == "mb" else ("" if not self._cell[1].strip() else "?"))
+            self._cell = None
+        elif tag == "tr" and self._row is not None:
+            self.tables[-1].append(self._row)
+            self._row = None
+
+
+def test_pipeline_schedule_in_html(rep, tmp_path):
+    page = rep.to_html(tmp_path / "r.html")
+    assert "http://" not in page.replace("http://www.w3.org", "") and "https://" not in page
+    parser = _PipeTables()
+    parser.feed(page)
+    # S=4 stages x M+S-1=5 ticks. Forward: stage s runs microbatch t-s at tick t (0 <= t-s < 2);
+    # backward: stage 3 first, stage s runs microbatch t-(3-s). Written out by hand:
+    forward = [["0", "1", "", "", ""],
+               ["", "0", "1", "", ""],
+               ["", "", "0", "1", ""],
+               ["", "", "", "0", "1"]]
+    backward = [["", "", "", "0", "1"],
+                ["", "", "0", "1", ""],
+                ["", "0", "1", "", ""],
+                ["0", "1", "", "", ""]]
+    assert parser.tables == [forward, backward]
+    assert 'id="pipeline"' in page and "Bubble fraction <b>60.0%</b>" in page
+    assert "each stage idles 3 of its 5 ticks" in page
+    bytes_per_tick = (B // M) * D * 4
+    from autoshard.report.fmt import fmt_bytes
+    assert f"Bytes per tick: <b>{fmt_bytes(bytes_per_tick)}</b>" in page
+
+
+def test_no_pipeline_section_without_a_pipeline(tmp_path):
+    mesh = ash.make_mesh({"data": 2}, devices=jax.devices()[:2])
+    x = jnp.ones((4, 8))
+    page = ash.parallelize(lambda x: x * 2, mesh=mesh, in_specs=(P("data"),)).report(x).to_html(tmp_path / "r.html")
+    assert "table class='pipe'" not in page and 'id="pipeline"' not in page

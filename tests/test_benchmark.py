@@ -80,3 +80,29 @@ def test_checks_and_tables_of_hand_made_rows():
     assert "- **FAIL** autoshard wire bytes <= jax.jit's for every row: larger: gpt data=8 dp" in md
     (record,) = csv.DictReader(benchmark.write_csv([row]).splitlines())
     assert (record["wire_bytes"], record["jit_wire_bytes"], record["counts"]) == ("2048", "1024", "2AR")
+
+
+def test_pp_row_against_the_analytic_minimum():
+    # Hand-derived for the 4-layer scanned GPT (benchmark size) on data=2,stage=4, M = S = 4:
+    # A = [16/2, 32, 64] f32 = 65,536 B; permutes 2 * 7 ticks * A/4; two broadcasts over stage at
+    # 2*3/4*A; the data all-reduce of the local gradients (stage slice of the blocks + the rest).
+    from autoshard.models import get_model
+    m = get_model("gpt")
+    cfg = m.Config(**{**benchmark.BENCH_CONFIGS["gpt"], "n_layers": 4, "scan_layers": True})
+    _, params = m.init(cfg)
+    row = benchmark.measure("gpt", {"data": 2, "stage": 4}, "pp", repeats=0)
+    A = 8 * 32 * 64 * 4
+    assert row.pipelines == ((4, 4, 7, A // 4), (4, 4, 7, A // 4))
+    assert row.permute_bytes == 2 * 7 * (A // 4)
+    blocks = sum(x.size * 4 for x in __import__("jax").tree.leaves(params["blocks"]))
+    rest = sum(x.size * 4 for x in __import__("jax").tree.leaves(params)) - blocks
+    want = 2 * 7 * A / 4 + 2 * (2 * 3 / 4 * A) + 2 * 1 / 2 * (rest + blocks / 4 + 4)
+    assert row.analytic_bytes == pytest.approx(want)
+    assert row.jit is None and row.ours.wire_bytes >= row.analytic_bytes
+    assert row.ours.flops > 0 and row.ours.memory_bytes > 0 and "no jax.jit baseline" in row.note
+    found = [c for c in benchmark.checks([row], [], None) if c.name.startswith("pp")]
+    assert [c.passed for c in found] == [True]
+    md = benchmark.markdown_table([row])
+    assert "| gpt | data=2,stage=4 | pp |" in md and "| - |" in md
+    (record,) = csv.DictReader(benchmark.write_csv([row]).splitlines())
+    assert record["strategy"] == "pp" and record["jit_wire_bytes"] == ""

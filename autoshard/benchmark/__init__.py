@@ -38,19 +38,35 @@ layers:
   the loss reduced over both axes; the tp term is the same bytes moved as all-gathers and
   reduce-scatters instead of all-reduces.
 
+* ``pp``:     the scanned GPT (``PIPELINE_LAYERS`` = 4 layers) pipelined over ``stage`` (``S``
+  stages, ``M`` = S microbatches; mesh ``data=2,stage=4``), ``A`` as above:
+  ``2 (M+S-1) A/M``: each of the ``M+S-1`` ticks of the forward and of the backward tick loop
+  sends one microbatch's activation ``A/M`` to the next stage (one collective-permute);
+  ``+ 2 * 2 (S-1)/S A``: the last stage's output reaches the (replicated, stage-wise) head on
+  every stage, and the input gradient the embedding, each a broadcast at the ring's
+  bandwidth-optimal cost (scatter + all-gather, the all-reduce's bytes);
+  ``+ 2 (n_d-1)/n_d (N_rest + N_blocks/S + s)``: one data-parallel all-reduce of this
+  device's gradients (its stage's slice of the stacked layers, every unstacked parameter) and
+  the loss. autoshard all-reduces each layer's gradient over ``data`` inside the backward
+  tick loop (once per tick, not once per step), so it sits above this minimum; the check
+  asserts the activation permutes alone equal ``2 (M+S-1) A/M``. The row's wire bytes are the
+  report's per step with loop trips (the HLO count takes a loop body once); its flops are
+  XLA's ``cost_analysis()`` and memory ``memory_analysis()``. ``jax.jit`` has no pipeline: the
+  row has no jit baseline (``Row.jit`` is None, ``-`` in the table).
+
 These are the bytes of the strategy as written (ZeRO-3 for fsdp). autoshard may go below them
 where moving activations is cheaper than moving weights (the MLP under fsdp all-to-alls its
 small activations instead of gathering its kernels); it must never go above them for GPT.
 Models other than GPT and the MLP (MoE, CNN) get the dp / fsdp minimum only; their other rows
 print ``-``. Collectives inside loops are counted once per instruction, so the benchmark uses
-unrolled layers.
+unrolled layers (except ``pp``, whose layer loop is the pipeline: see above).
 """
 __all__ = ["BENCH_BATCH", "BENCH_CONFIGS", "MESHES", "NOTES", "SCALING_LAYERS", "Check", "Measured", "Row",
-           "ScalingPoint", "analytic_min_bytes", "auto_checks", "auto_rows", "checks", "linear_fit", "measure",
+           "PIPELINE_LAYERS", "ScalingPoint", "analytic_min_bytes", "pipeline_min_bytes", "auto_checks", "auto_rows", "checks", "linear_fit", "measure",
            "mesh_axes", "ratio_text", "rows_to_measure", "run", "scaling_point", "single_device_row", "CSV_FIELDS",
            "auto_markdown", "machine_line", "markdown_table", "results_markdown", "row_record", "write_csv"]
 
-from .measure import (BENCH_BATCH, BENCH_CONFIGS, MESHES, NOTES, SCALING_LAYERS, Check, Measured, Row,
-                      ScalingPoint, analytic_min_bytes, auto_checks, auto_rows, checks, linear_fit, measure,
+from .measure import (BENCH_BATCH, BENCH_CONFIGS, MESHES, NOTES, PIPELINE_LAYERS, SCALING_LAYERS, Check,
+                      Measured, Row, ScalingPoint, analytic_min_bytes, pipeline_min_bytes, auto_checks, auto_rows, checks, linear_fit, measure,
                       mesh_axes, ratio_text, rows_to_measure, run, scaling_point, single_device_row)
 from .tables import CSV_FIELDS, auto_markdown, machine_line, markdown_table, results_markdown, row_record, write_csv

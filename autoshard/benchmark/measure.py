@@ -21,6 +21,8 @@ from jax.sharding import NamedSharding
 
 from ..compiler.cost_model import wire_bytes
 
+_PIPELINE_STRATEGIES = ("pp",)
+
 #: Small configurations: big enough that activations and parameters are not dwarfed by
 #: scalars, small enough that two compiles per row take seconds on two cores.
 BENCH_CONFIGS = {
@@ -31,12 +33,17 @@ BENCH_CONFIGS = {
 }
 BENCH_BATCH = {"gpt": 16, "mlp": 32, "moe": 16, "cnn": 16}
 MESHES = ("8", "2x4")
+#: Layers of the scanned GPT under ``pp``: one per stage of the 2x4 mesh's ``'stage'`` axis.
+PIPELINE_LAYERS = 4
 
 
 def mesh_axes(mesh_kind: str, strategy: str) -> dict[str, int] | None:
     """The mesh of shape ``mesh_kind`` (``"8"`` or ``"2x4"``) with the axis names ``strategy``
-    uses, or None where the strategy needs two axes and the mesh has one."""
+    uses, or None where the strategy needs two axes and the mesh has one. ``pp`` runs on the
+    2x4 mesh only, as ``data=2,stage=4`` (4 stages of the 4-layer scanned GPT)."""
     from ..models.presets import DATA_AXIS, EXPERT_AXIS, MODEL_AXIS, required_axes
+    if strategy == "pp":
+        return {DATA_AXIS: 2, "stage": 4} if mesh_kind == "2x4" else None
     need = required_axes(strategy)
     second = EXPERT_AXIS if strategy == "ep" else MODEL_AXIS
     if mesh_kind == "8":
@@ -63,13 +70,17 @@ class Row:
     mesh: dict
     strategy: str
     ours: Measured
-    jit: Measured
+    jit: Measured | None          # None: jax.jit has no equivalent (pp: no pipeline baseline)
     pass_s: float
     analytic_bytes: float | None
     state_bytes: int              # parameters + optimizer state, whole (not per device)
     replicated_state_bytes: int   # of which leaves that stay whole on every device
     batch_bytes: int
     note: str = ""
+    #: pp: the pipelined loops, ``(stages, microbatches, ticks, bytes_per_tick)`` each (report).
+    pipelines: tuple = ()
+    #: pp: wire bytes per step of the collective-permutes (loop trips included), from the report.
+    permute_bytes: float = 0.0
 
     @property
     def mesh_text(self) -> str:
@@ -91,6 +102,8 @@ def analytic_min_bytes(model: str, cfg: Any, batch: int, strategy: str, mesh: di
     total = float(_nbytes(params))
     if strategy in ("dp", "fsdp"):
         return wire_bytes("all-reduce", n_d, total + scalar)
+    if strategy == "pp" and model == "gpt":
+        return pipeline_min_bytes(cfg, batch, mesh, params)
     if model not in ("gpt", "mlp") or strategy not in ("tp", "dp_tp", "sp"):
         return None
     itemsize = np.dtype(cfg.dtype).itemsize
@@ -115,6 +128,23 @@ def analytic_min_bytes(model: str, cfg: Any, batch: int, strategy: str, mesh: di
     return (model_term + wire_bytes("all-reduce", n_m, replicated)
             + wire_bytes("all-reduce", n_d, (total - split) + split / n_m)
             + wire_bytes("all-reduce", n_d * n_m, scalar))
+
+
+def pipeline_min_bytes(cfg: Any, batch: int, mesh: dict, params: dict, microbatches: int | None = None) -> float:
+    """``pp`` on a ``data x stage`` mesh (package docstring): the activation shifts of the forward
+    and backward tick loops, the broadcast of the last stage's output (and of the input
+    gradient) over ``stage``, and the data-parallel gradient all-reduce of this device's
+    parameters (its stage's slice of the stacked layers, every unstacked one) and the loss."""
+    n_d, S = mesh.get("data", 1), mesh["stage"]
+    M = microbatches or S
+    itemsize = np.dtype(cfg.dtype).itemsize
+    activation = batch // n_d * cfg.seq_len * cfg.d_model * itemsize      # A: [B/n_d, T, D]
+    permutes = 2 * (M + S - 1) * (activation / M)
+    broadcasts = 2 * wire_bytes("all-reduce", S, activation)
+    stacked = sum(_nbytes(x) for path, x in jax.tree_util.tree_flatten_with_path(params)[0]
+                  if getattr(path[0], "key", None) == "blocks")
+    local = (_nbytes(params) - stacked) + stacked / S
+    return permutes + broadcasts + wire_bytes("all-reduce", n_d, local + 4.0)
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -166,6 +196,8 @@ def measure(model: str, mesh_shape: dict, strategy: str, *, config: dict | None 
     axes = tuple(mesh.axis_names)
     m = get_model(model)
     cfg = m.Config(**(BENCH_CONFIGS.get(model, {}) if config is None else config))
+    if strategy == "pp" and config is None:
+        cfg = dataclasses.replace(cfg, n_layers=PIPELINE_LAYERS)
     cfg = presets.configure(model, cfg, strategy, axes)
     batch_size = batch_size or BENCH_BATCH.get(model, 16)
     model_def, params = m.init(cfg, seed=0)
@@ -185,6 +217,27 @@ def measure(model: str, mesh_shape: dict, strategy: str, *, config: dict | None 
     placed = jax.device_put(args, shardings)
     flat = jax.tree.leaves(placed)
     ours = _compiled_numbers(compiled, mesh, ours_compile_s, lambda: compiled(*flat), repeats)
+    common = dict(model=model, mesh=dict(mesh_shape), strategy=strategy, ours=ours, pass_s=pass_s,
+                  analytic_bytes=analytic_min_bytes(model, cfg, batch_size, strategy, dict(mesh.shape),
+                                                    params, pspecs),
+                  state_bytes=_nbytes(params) + _nbytes(opt_state),
+                  replicated_state_bytes=sum(
+                      _nbytes(x) for x, sh in zip(jax.tree.leaves((params, opt_state)),
+                                                  jax.tree.leaves(shardings[:2]))
+                      if sh.is_fully_replicated),
+                  batch_bytes=_nbytes(batch))
+    if strategy in _PIPELINE_STRATEGIES:
+        # The collectives of the tick loops sit in while bodies, which the HLO count takes once
+        # per instruction: the wire bytes per step come from the report, loop trips included
+        # (its per-instruction total equals the HLO's: tests/test_pipeline.py). jax.jit has no
+        # pipeline to compare against.
+        rep = pf.report(*args)
+        ours.wire_bytes = rep.step_wire_bytes
+        return Row(**common, jit=None,
+                   pipelines=tuple((p.stages, p.microbatches, p.ticks, p.bytes_per_tick) for p in rep.pipeline),
+                   permute_bytes=float(sum(c.wire_bytes * c.trips for c in rep.collectives
+                                           if c.kind == "collective-permute")),
+                   note="no jax.jit baseline: jit has no pipeline; compare with min")
 
     # XLA's propagation from the same annotations (optimizer state: see the module docstring).
     named = lambda specs: jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
@@ -195,16 +248,7 @@ def measure(model: str, mesh_shape: dict, strategy: str, *, config: dict | None 
     jit_placed = jax.device_put(args, in_shardings)
     baseline = _compiled_numbers(jit_compiled, mesh, jit_compile_s, lambda: jit_compiled(*jit_placed), repeats)
 
-    return Row(model=model, mesh=dict(mesh_shape), strategy=strategy, ours=ours, jit=baseline,
-               pass_s=pass_s,
-               analytic_bytes=analytic_min_bytes(model, cfg, batch_size, strategy, dict(mesh.shape),
-                                                 params, pspecs),
-               state_bytes=_nbytes(params) + _nbytes(opt_state),
-               replicated_state_bytes=sum(
-                   _nbytes(x) for x, sh in zip(jax.tree.leaves((params, opt_state)),
-                                               jax.tree.leaves(shardings[:2]))
-                   if sh.is_fully_replicated),
-               batch_bytes=_nbytes(batch))
+    return Row(**common, jit=baseline)
 
 
 def rows_to_measure(models=None, meshes=MESHES, strategies=None):
@@ -212,7 +256,7 @@ def rows_to_measure(models=None, meshes=MESHES, strategies=None):
     from ..models import MODEL_NAMES, presets
     for model in models or MODEL_NAMES:
         for mesh_kind in meshes:
-            for strategy in presets.strategies(model):
+            for strategy in presets.strategies(model) + presets.PIPELINE_STRATEGIES.get(model, ()):
                 if strategies and strategy not in strategies:
                     continue
                 shape = mesh_axes(mesh_kind, strategy)
@@ -300,7 +344,7 @@ class Check:
 def checks(rows: list[Row], scaling: list[ScalingPoint], reference: ScalingPoint | None) -> list[Check]:
     """The issue's must-show list, evaluated on this run's numbers."""
     out = []
-    worse = [r for r in rows if r.ours.wire_bytes > r.jit.wire_bytes * (1 + 1e-9)]
+    worse = [r for r in rows if r.jit is not None and r.ours.wire_bytes > r.jit.wire_bytes * (1 + 1e-9)]
     out.append(Check(
         "autoshard wire bytes <= jax.jit's for every row", not any(not r.note for r in worse),
         "all rows" if not worse else "larger: " + "; ".join(
@@ -330,6 +374,17 @@ def checks(rows: list[Row], scaling: list[ScalingPoint], reference: ScalingPoint
             f"whole leaves {r.replicated_state_bytes:,} B + batch share {r.batch_bytes / n:,.0f} B "
             f"= {bound:,.0f} B (whole state {r.state_bytes:,} B); temporaries (activations, "
             f"gathered parameters, gradients) {r.ours.temp_bytes:,} B; total {r.ours.memory_bytes:,} B"))
+    for r in rows:
+        if not r.pipelines:
+            continue
+        # The activation shifts: per loop, (M+S-1) ticks of one microbatch's activation.
+        want = sum(ticks * per_tick for _, _, ticks, per_tick in r.pipelines)
+        out.append(Check(
+            f"pp, {r.model} on {r.mesh_text}: activation collective-permutes = 2 (M+S-1) x microbatch "
+            f"activation", len(r.pipelines) == 2 and abs(r.permute_bytes - want) <= 1e-6 * max(want, 1),
+            f"{len(r.pipelines)} pipelined loops (S, M, ticks, bytes/tick) {list(r.pipelines)}: "
+            f"{r.permute_bytes:,.0f} B of permutes vs {want:,.0f} B; all collectives "
+            f"{ratio_text(r.ours.wire_bytes, r.analytic_bytes or 0)}x the analytic minimum"))
     if reference is not None and reference.compile_s:
         out.append(Check(
             f"{reference.layers}-layer GPT: autoshard's passes <= 25% of XLA compile time",
@@ -443,7 +498,7 @@ def run(models=None, meshes=MESHES, strategies=None, scaling_layers=SCALING_LAYE
     for model, shape, strategy in rows_to_measure(models, meshes, strategies):
         progress(f"  {model} {shape} {strategy} ...")
         row = measure(model, shape, strategy)
-        row.note = NOTES.get((model, strategy), "")
+        row.note = NOTES.get((model, strategy), "") or row.note
         rows.append(row)
     scaling = []
     for layers in scaling_layers:

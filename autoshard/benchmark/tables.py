@@ -14,7 +14,7 @@ from collections import Counter
 import jax
 
 from ..compiler.cost_model import KINDS
-from .measure import Row, linear_fit, ratio_text
+from .measure import Measured, Row, linear_fit, ratio_text
 
 
 CSV_FIELDS = ("model", "mesh", "strategy",
@@ -32,18 +32,19 @@ def _counts_text(counts: Counter) -> str:
 
 
 def row_record(row: Row) -> dict:
+    jit = row.jit
     return {
         "model": row.model, "mesh": row.mesh_text, "strategy": row.strategy,
-        "wire_bytes": round(row.ours.wire_bytes), "jit_wire_bytes": round(row.jit.wire_bytes),
+        "wire_bytes": round(row.ours.wire_bytes), "jit_wire_bytes": "" if jit is None else round(jit.wire_bytes),
         "analytic_min_bytes": "" if row.analytic_bytes is None else round(row.analytic_bytes),
-        "counts": _counts_text(row.ours.counts), "jit_counts": _counts_text(row.jit.counts),
-        "memory_bytes": row.ours.memory_bytes, "jit_memory_bytes": row.jit.memory_bytes,
+        "counts": _counts_text(row.ours.counts), "jit_counts": "" if jit is None else _counts_text(jit.counts),
+        "memory_bytes": row.ours.memory_bytes, "jit_memory_bytes": "" if jit is None else jit.memory_bytes,
         "argument_bytes": row.ours.argument_bytes, "temp_bytes": row.ours.temp_bytes,
         "state_bytes": row.state_bytes,
-        "flops": round(row.ours.flops), "jit_flops": round(row.jit.flops),
+        "flops": round(row.ours.flops), "jit_flops": "" if jit is None else round(jit.flops),
         "pass_s": f"{row.pass_s:.3f}", "compile_s": f"{row.ours.compile_s:.3f}",
-        "jit_compile_s": f"{row.jit.compile_s:.3f}",
-        "step_s": f"{row.ours.step_s:.5f}", "jit_step_s": f"{row.jit.step_s:.5f}",
+        "jit_compile_s": "" if jit is None else f"{jit.compile_s:.3f}",
+        "step_s": f"{row.ours.step_s:.5f}", "jit_step_s": "" if jit is None else f"{jit.step_s:.5f}",
         "note": row.note,
     }
 
@@ -57,6 +58,10 @@ def write_csv(rows: list[Row]) -> str:
     return out.getvalue()
 
 
+_NO_JIT = Measured(wire_bytes=0.0, counts=Counter(), memory_bytes=0, argument_bytes=0, temp_bytes=0,
+                   flops=0.0, compile_s=0.0, step_s=0.0)
+
+
 def _kib(x: float) -> str:
     return f"{x / 1024:,.1f}"
 
@@ -67,16 +72,19 @@ def markdown_table(rows: list[Row]) -> str:
             "| pass s | compile s | jit compile s | step ms | jit step ms | note |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
+        # A row without a jit baseline (pp: jax.jit has no pipeline) prints '-' in jit's columns.
+        j = r.jit or _NO_JIT
+        dash = (lambda text: "-") if r.jit is None else (lambda text: text)
         lines.append(
             f"| {r.model} | {r.mesh_text} | {r.strategy} | {_kib(r.ours.wire_bytes)} "
-            f"| {_kib(r.jit.wire_bytes)} | {'-' if r.analytic_bytes is None else _kib(r.analytic_bytes)} "
-            f"| {ratio_text(r.ours.wire_bytes, r.jit.wire_bytes)} "
+            f"| {dash(_kib(j.wire_bytes))} | {'-' if r.analytic_bytes is None else _kib(r.analytic_bytes)} "
+            f"| {dash(ratio_text(r.ours.wire_bytes, j.wire_bytes))} "
             f"| {'-' if r.analytic_bytes is None else ratio_text(r.ours.wire_bytes, r.analytic_bytes)} "
-            f"| {_counts_text(r.ours.counts)} | {_counts_text(r.jit.counts)} "
-            f"| {_kib(r.ours.memory_bytes)} | {_kib(r.jit.memory_bytes)} "
-            f"| {r.ours.flops / 1e9:.4f} | {r.jit.flops / 1e9:.4f} "
-            f"| {r.pass_s:.2f} | {r.ours.compile_s:.2f} | {r.jit.compile_s:.2f} "
-            f"| {r.ours.step_s * 1e3:.2f} | {r.jit.step_s * 1e3:.2f} | {r.note} |")
+            f"| {_counts_text(r.ours.counts)} | {dash(_counts_text(j.counts))} "
+            f"| {_kib(r.ours.memory_bytes)} | {dash(_kib(j.memory_bytes))} "
+            f"| {r.ours.flops / 1e9:.4f} | {dash(f'{j.flops / 1e9:.4f}')} "
+            f"| {r.pass_s:.2f} | {r.ours.compile_s:.2f} | {dash(f'{j.compile_s:.2f}')} "
+            f"| {r.ours.step_s * 1e3:.2f} | {dash(f'{j.step_s * 1e3:.2f}')} | {r.note} |")
     return "\n".join(lines)
 
 
@@ -120,7 +128,11 @@ def results_markdown(result: dict, command: str) -> str:
         "`autoshard/benchmark/__init__.py`); `jit`: `jax.jit` with the same annotations as "
         "`NamedSharding`s (XLA's propagation); `mem`: `memory_analysis()` arguments + outputs + "
         "temporaries; pass s: autoshard trace + passes + lowering; compile s: XLA. Step times "
-        "are medians on simulated CPU devices sharing two cores: noise, not a claim.",
+        "are medians on simulated CPU devices sharing two cores: noise, not a claim. `pp` "
+        "(the scanned GPT pipelined over `stage`): jax.jit has no pipeline baseline, so its "
+        "jit columns are `-` and it compares with `min` only; its wire bytes are the report's "
+        "per step with the tick loops' trips (the HLO holds a loop body once), its GFLOP "
+        "XLA's cost_analysis.",
         "",
         markdown_table(rows),
         "",

@@ -1,6 +1,7 @@
 """``ShardingReport.to_html``: one self-contained page (inline CSS and JS, no network).
 
-Sections: summary and wire bytes (by kind, mesh axes, layer, module), warnings with fixes,
+Sections: summary and wire bytes (by kind, mesh axes, layer, module), the schedule of each
+pipelined layer loop (stages x ticks, microbatch per cell, bubbles empty), warnings with fixes,
 per-device memory beside XLA's, a table of collectives sortable by any column (click a
 header), device grids, provenance chains (collapsible), and the equations grouped by source
 line. A device grid draws a tensor's layout as ``jax.debug.visualize_array_sharding`` does:
@@ -77,6 +78,10 @@ details>summary{cursor:pointer;font-family:ui-monospace,monospace;font-size:12.5
 pre{margin:4px 0;font-size:12px;white-space:pre-wrap}
 input.filter{margin:4px 0 8px;padding:4px 8px;width:320px;border:1px solid #c5ccd4;border-radius:4px}
 .muted{color:#5b6673}
+table.pipe td.mb{background:#4e79a7;color:#fff;text-align:center;min-width:26px;font-weight:600}
+table.pipe td.bubble{background:repeating-linear-gradient(45deg,#f6f7f9,#f6f7f9 4px,#e4e7eb 4px,#e4e7eb 8px);min-width:26px}
+table.pipe th{text-align:center;font-weight:600}
+.pipe-card{background:#fff;border:1px solid #dde2e8;border-radius:6px;padding:8px 12px;margin:8px 0;overflow-x:auto}
 """
 
 _JS = """
@@ -249,6 +254,43 @@ def _card(report, name, v, layout, labels, note="") -> str:
 
 # ----------------------------------------------------------------------------- sections
 
+def pipeline_cells(stages: int, microbatches: int, backward: bool = False) -> list[list]:
+    """The GPipe schedule as ``cells[stage][tick]``: the microbatch the stage runs at that tick,
+    or None for a bubble. Forward: stage s runs microbatch t-s when 0 <= t-s < M; the backward
+    runs the stages last to first (stage s runs microbatch t-(S-1-s))."""
+    S, M = stages, microbatches
+    rows = []
+    for s in range(S):
+        lag = S - 1 - s if backward else s
+        rows.append([t - lag if 0 <= t - lag < M else None for t in range(M + S - 1)])
+    return rows
+
+
+def _pipeline_chart(pipe) -> str:
+    """One pipelined loop: a stages x ticks table (a row per stage, a column per tick, each cell
+    the microbatch it runs; bubbles hatched and empty) and its bubble and bytes in words."""
+    S, M, T = pipe.stages, pipe.microbatches, pipe.ticks
+    cells = pipeline_cells(S, M, pipe.direction == "backward")
+    head = "".join(f"<th>t{t}</th>" for t in range(len(cells[0])))
+    body = "".join(
+        f"<tr class='stage' data-stage='{s}'><th>stage {s}</th>"
+        + "".join(f"<td class='mb' data-tick='{t}' data-mb='{m}' title='tick {t}: microbatch {m}'>{m}</td>"
+                  if m is not None else f"<td class='bubble' data-tick='{t}' title='tick {t}: idle'></td>"
+                  for t, m in enumerate(row)) + "</tr>"
+        for s, row in enumerate(cells))
+    idle = S * T - S * M
+    return (f"<div class='pipe-card' data-direction='{_e(pipe.direction)}'><div class='name'>{_e(pipe.direction)} "
+            f"pipeline over <b>{_e(pipe.axis)}</b> at {_e(pipe.source)}</div>"
+            f"<p>{_e(pipe.schedule)} schedule: {S} stages &times; {pipe.layers_per_stage} layers "
+            f"({pipe.layers} in all), {M} microbatches, {T} ticks"
+            f"{' (stages run last to first)' if pipe.direction == 'backward' else ''}. "
+            f"Bubble fraction <b>{pipe.bubble_fraction:.1%}</b>: each stage idles {S - 1} of its {T} ticks "
+            f"({idle} of {S * T} stage-ticks empty). Bytes per tick: <b>{_e(fmt_bytes(pipe.bytes_per_tick))}</b> "
+            f"per device sent to the next stage (one collective-permute per carry), "
+            f"{_e(fmt_bytes(pipe.bytes_per_tick * T))} over the {T} ticks.</p>"
+            f"<table class='pipe'><thead><tr><th>stage \\ tick</th>{head}</tr></thead><tbody>{body}</tbody></table></div>")
+
+
 def _bars(title, items) -> str:
     items = sorted(items.items(), key=lambda kv: -kv[1])
     top = max((b for _, b in items), default=0) or 1
@@ -413,8 +455,15 @@ def render(report) -> str:
         except Exception:     # noqa: BLE001 - the page still renders without the comparison
             hlo_note = ""
 
+    pipes = list(getattr(report, "pipeline", ()))
+    pipelines = ""
+    if pipes:
+        pipelines = (f'<h2 id="pipeline">Pipeline schedule ({len(pipes)} loops)</h2>'
+                     f"<p class='muted'>A row per stage, a column per tick; a cell is the microbatch the stage "
+                     f"runs at that tick, a hatched empty cell a bubble (the stage idles).</p>"
+                     + "".join(_pipeline_chart(pipe) for pipe in pipes))
     nav = "".join(f"<a href='#{k}'>{t}</a>" for k, t in (
-        ("summary", "Summary"), ("warnings", "Warnings"), ("grids", "Device grids"),
+        ("summary", "Summary"), *((("pipeline", "Pipeline"),) if pipes else ()), ("warnings", "Warnings"), ("grids", "Device grids"),
         ("collectives-sec", "Collectives"), ("memory", "Memory"), ("provenance", "Provenance"), ("equations", "Equations")))
     pass_times = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in p.pass_seconds.items())
     return f"""<!doctype html>
@@ -426,7 +475,7 @@ def render(report) -> str:
 <nav>{nav}</nav><main>
 <h2 id="summary">Summary</h2><div class="cards">{cards}</div>{hlo_note}
 <h3 style="font-size:14px">Wire bytes per step, per device</h3><div class="bars">{bars}</div>
-<h2 id="warnings">Warnings ({len(report.warnings)})</h2>{warnings}
+{pipelines}<h2 id="warnings">Warnings ({len(report.warnings)})</h2>{warnings}
 <h2 id="grids">Device grids</h2>
 <p class="muted">Left: the tensor cut into the blocks the layout makes, each labelled with the devices holding it (as
 jax.debug.visualize_array_sharding draws it). Right: the mesh, each device coloured by the block it holds.</p>

@@ -340,6 +340,7 @@ class ShardingReport:
             "xla": xla,
             "pass_seconds": dict(p.pass_seconds),
             "cost_model_source": self.cost_model_source,
+            "pipeline": [asdict(r) for r in self.pipeline],
         }
 
     def to_json(self, path=None) -> str:

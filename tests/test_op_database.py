@@ -477,6 +477,17 @@ add_if_emitted(("one_minus_square", "log2", "polynomial"), "jax012_unary",
                lambda x, p: (jax.grad(lambda a: jnp.sum(jax.nn.gelu(a)))(x), jnp.log2(p),
                              jax.grad(lambda a: jnp.sum(jsp.erf(a)))(x)),
                A((8, 1, 16)), A((8, 16), "pos"), grad=True)
+# jax 0.12.1's new elementwise primitives (the version has them or not: no version check)
+_JAX0121 = ("sinpi", "cospi", "tanpi", "asinpi", "acospi", "atanpi", "exp2m1", "log2p1", "atan2pi", "fma",
+            "fmuladd")
+if all(hasattr(lax, p) for p in _JAX0121):
+    add_if_emitted(_JAX0121, "jax0121_elementwise",
+                   lambda x, u, y: (lax.sinpi(x), lax.cospi(x), lax.tanpi(u / 4), lax.asinpi(u), lax.acospi(u),
+                                    lax.atanpi(x), lax.exp2m1(u), lax.log2p1(u), lax.atan2pi(x, y),
+                                    lax.fma(x, y, u), lax.fmuladd(x, y, u)),
+                   A((8, 16)), A((8, 16), "unit"), A((8, 16), "pos"), grad=True)
+else:
+    NOT_EMITTED.update(dict.fromkeys(_JAX0121, f"jax {jax.__version__} has no such primitive (new in 0.12.1)"))
 add("regularized_incomplete_beta", "betainc", lambda a, b, x: jsp.betainc(a, b, x), A((8, 16), "pos"),
     A((8, 16), "pos"), A((8, 16), "unit"))
 HEAVY_NEW = {"betainc"}

@@ -72,7 +72,10 @@ REASONS: dict[str, str] = {
     "mpmd_map": FALLBACK, "fusible": FALLBACK, "custom_fusion": FALLBACK, "tpu_custom_call": LOWERING_ONLY,
     "shard_map": NESTED_SHARD_MAP,
     # rarely used ops computed whole
-    "custom_linear_solve": FALLBACK, "ragged_dot_general": FALLBACK, "select_and_scatter": FALLBACK,
+    "custom_linear_solve": FALLBACK,
+    # jax 0.12.1's Poisson sampler and raw PRNG bits: replicated, so every device draws what one
+    # device draws (equal values; no split lowering written)
+    "random_poisson": FALLBACK, "raw_bits": FALLBACK, "ragged_dot_general": FALLBACK, "select_and_scatter": FALLBACK,
     "scaled_dot": FALLBACK, "rng_uniform": FALLBACK + "; XLA's stateful generator, equal in distribution only",
     "empty": FALLBACK, "tie": FALLBACK, "from_edtype": FALLBACK, "to_edtype": FALLBACK,
     "platform_index": FALLBACK, "linear_call": FALLBACK, "remat_opt": FALLBACK, "unreachable": FALLBACK,
@@ -105,7 +108,8 @@ REASONS: dict[str, str] = {
         "psum_start", "psum_done", "psum_invariant_start", "ppermute_start", "ppermute_done",
         "all_gather_start", "all_gather_done", "all_gather_reduced_start", "all_to_all_start",
         "all_to_all_done", "reduce_scatter_start", "reduce_scatter_done", "pbroadcast_start",
-        "pbroadcast_done", "unreduced_psum_start", "unreduced_reduce_scatter_start"), NAMED_AXIS_COLLECTIVE),
+        "pbroadcast_done", "unreduced_psum_start", "unreduced_reduce_scatter_start",
+        "pmax_scatter", "pmin_scatter", "pxor"), NAMED_AXIS_COLLECTIVE),
     # Refs and memory spaces
     **dict.fromkeys(("get", "swap", "addupdate", "new_ref", "freeze", "empty_ref", "free_ref",
                      "accum_grad_in_ref", "run_state", "broadcast_to", "create_linear", "pin", "unpin",

@@ -28,6 +28,8 @@ _UNARY = [
     # jax 0.12: tanh/asin/acos/atanh/gelu derivatives bind one_minus_square (1 - x**2);
     # jnp.log2 binds log2. ``name`` is jax.ad_checkpoint.checkpoint_name (identity).
     "one_minus_square", "log2", "name",
+    # jax 0.12.1: lax.sinpi & co. (f(pi * x) and their inverses / pi), exp2m1, log2p1.
+    "sinpi", "cospi", "tanpi", "asinpi", "acospi", "atanpi", "exp2m1", "log2p1",
 ]
 _BINARY = [
     "add", "add_any", "sub", "mul", "div", "rem", "pow", "max", "min", "and", "or", "xor",
@@ -36,6 +38,8 @@ _BINARY = [
     "igamma_grad_a", "random_gamma_grad", "polygamma", "zeta", "mulhi", "select_n", "clamp",
     # jax 0.12: polynomial(x, *coeffs) (Horner's rule; erf's derivative), broadcasting.
     "polynomial", "regularized_incomplete_beta",
+    # jax 0.12.1: atan2pi (atan2 / pi); fma and fmuladd (a * b + c, fused or not), ternary.
+    "atan2pi", "fma", "fmuladd",
 ]
 
 

@@ -17,6 +17,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import autoshard as ash
+from autoshard.compiler import ir
 from autoshard.errors import PlanningOnlyError
 from autoshard.models import gpt
 
@@ -30,15 +31,16 @@ def _plan(cfg, mesh, strategy, batch_size):
     return rep, pf, args
 
 
-def _analytic_activations(cfg, mesh_shape, batch_size):
+def _analytic_activations(cfg, mesh_shape, batch_size, kept=(2, 6)):
     """Per-device bytes the fsdp_tp GPT step keeps from its forward pass for the backward pass
     (JAX's autodiff residuals, no remat), from the architecture alone.
 
     The batch is split over data x fsdp (``b`` rows), heads and the FFN's hidden dim over
     model (Megatron), the residual stream [b, T, D] is whole on every model rank. Per layer:
-    the softmax's exp and probabilities, two [b, H/m, T, T] score tensors; q (scaled), k, v
-    and the attention output, four [b, T, D/m]; the FFN's up projection and GELU (tanh)
-    intermediates, six [b, T, F/m]; per layernorm (float32 inside) three [b, T, D] float32
+    the softmax's exp and probabilities, ``kept[0]`` [b, H/m, T, T] score tensors; q (scaled), k,
+    v and the attention output, four [b, T, D/m]; the FFN's up projection and GELU (tanh)
+    intermediates, ``kept[1]`` [b, T, F/m] (JAX 0.10 keeps two and six; 0.12.1's softmax and
+    tanh derivatives one fewer of each: ``residuals_kept``); per layernorm (float32 inside) three [b, T, D] float32
     and its [b, T, D] output. After the layers: the final layernorm (three [b, T, D] float32)
     and the cross-entropy's two [b, T, V] float32."""
     n_d, n_f, n_m = mesh_shape["data"], mesh_shape["fsdp"], mesh_shape["model"]
@@ -46,12 +48,26 @@ def _analytic_activations(cfg, mesh_shape, batch_size):
     item = jnp.dtype(cfg.dtype).itemsize
     b = batch_size // (n_d * n_f)
     score = b * (heads // n_m) * t * t * item
-    per_layer = (2 * score + 4 * b * t * (d // n_m) * item + 6 * b * t * (f // n_m) * item
+    per_layer = (kept[0] * score + 4 * b * t * (d // n_m) * item + kept[1] * b * t * (f // n_m) * item
                  + 2 * (3 * b * t * d * 4 + b * t * d * item))
     top = 3 * b * t * d * 4 + 2 * b * t * v * 4
     return {"score": score, "activations_for_backward": cfg.n_layers * per_layer + top,
             # The largest stacked residual: a layernorm's float32 [L, b, T, D] (or the scores').
             "largest_temporary": cfg.n_layers * max(b * t * d * 4, score)}
+
+
+def residuals_kept(rep, cfg, batch_size) -> tuple[int, int]:
+    """How many stacked score tensors [L, B, H, T, T] and FFN tensors [L, B, T, F] the installed
+    JAX's autodiff keeps for the backward pass, read off the traced program (the rest of
+    ``_analytic_activations`` is the architecture's): (2, 6) on JAX 0.10; (1, 5) on 0.12.1,
+    whose softmax and tanh derivatives keep one fewer each."""
+    _, kept = ir.loss_residuals(rep.program.graph)
+    shapes = [tuple(v.shape) for v in kept]
+    L, T = cfg.n_layers, cfg.seq_len
+    scores = shapes.count((L, batch_size, cfg.n_heads, T, T))
+    ffn = shapes.count((L, batch_size, T, cfg.ff_dim))
+    assert scores in (1, 2) and ffn in (5, 6), (scores, ffn)
+    return scores, ffn
 
 
 def _replicated_values(rep):
@@ -75,7 +91,7 @@ def test_1t_plan_splits_the_attention_mask_like_the_scores_and_matches_the_formu
     cfg = gpt.SIZES["1t"]
     rep, _, _ = _plan(cfg, ash.abstract_mesh(MESH_1T), "fsdp_tp", 256)
     mem = rep.memory()
-    want = _analytic_activations(cfg, MESH_1T, 256)
+    want = _analytic_activations(cfg, MESH_1T, 256, kept=residuals_kept(rep, cfg, 256))
     # Before: the where's [B, H, T, T] bfloat16 residual, hoisted out of the layer loop,
     # was planned whole on every device (320 GiB) for a backward loop that never reads it.
     big = [(n, o.shape, us) for n, o, us in _replicated_values(rep) if n > want["score"]]

@@ -1,5 +1,7 @@
 """Random number primitives give the same values as on one device, split or not, with no
 communication (issue #3)."""
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,3 +31,17 @@ def test_random_values_equal_one_device(mesh_text, spec):
     if spec == P("data", "model"):
         assert report.collectives == []
         assert report.layouts["out[0]"] == "[S(0), S(1)]"
+
+
+@pytest.mark.skipif("num_streams" not in inspect.signature(jax.random.bits).parameters,
+                    reason="jax.random.bits(num_streams=) is new in JAX 0.12.1")
+def test_several_streams_equal_one_device():
+    """JAX 0.12.1's random_bits returns one result per stream (a multiple-results primitive):
+    single keys keep them whole, batched keys split over their batch dim."""
+    def f(keys, key):
+        batched = jax.vmap(lambda k: jax.random.bits(k, (4,), num_streams=2))(keys)
+        return batched, jax.random.bits(key, (6, 16), num_streams=2)
+
+    keys = jax.random.split(jax.random.key(3), 8)
+    pf = ash.parallelize(f, mesh=ash.make_mesh("a=8"), in_specs=(P("a"), None))
+    assert_tree_close(pf(keys, jax.random.key(4)), jax.jit(f)(keys, jax.random.key(4)), rtol=0, atol=0)

@@ -403,7 +403,9 @@ def _all_to_all_operand(instr: _Instr, chunk: tuple, n: int, by_name: dict) -> t
     """Whole per-device operand of a tuple-form all-to-all whose chunks are ``chunk``.
 
     The chunks are normally slices of one array: the one operand shared by every chunk's
-    producer whose shape is ``chunk`` with one dimension ``n`` times larger.
+    producer that holds ``n`` chunks' elements. Its shape is ``chunk`` with one dimension ``n``
+    times larger, or (XLA with JAX 0.12.1) ``chunk`` without the unit dims the slicing fusions
+    add (``f32[4,16]`` cut into ``f32[1,1,16]`` pieces).
     """
     producers = [by_name.get(op) for op in instr.operands]
     if all(p is not None for p in producers):
@@ -413,10 +415,9 @@ def _all_to_all_operand(instr: _Instr, chunk: tuple, n: int, by_name: dict) -> t
         found = set()
         for name in common:
             src = by_name.get(name)
-            if src is None or src.shape[0] != "array" or len(src.shape[2]) != len(chunk):
+            if src is None or src.shape[0] != "array":
                 continue
-            diff = [d for d in range(len(chunk)) if src.shape[2][d] != chunk[d]]
-            if len(diff) == 1 and src.shape[2][diff[0]] == n * chunk[diff[0]]:
+            if math.prod(src.shape[2]) == n * math.prod(chunk):
                 found.add(src.shape[2])
         if len(found) == 1:
             return found.pop()

@@ -94,7 +94,8 @@ def _partitionable(eqn) -> bool:
     """A single threefry key and the partitionable scheme: then values depend only on the
     global index (other PRNG implementations keep the result unsplit)."""
     return (len(eqn.invars[0].shape) == 0 and bool(jax.config.jax_threefry_partitionable)
-            and str(eqn.invars[0].dtype) == "key<fry>" and math.prod(eqn.params["shape"]) < 2 ** 32)
+            and str(eqn.invars[0].dtype) == "key<fry>" and math.prod(eqn.params["shape"]) < 2 ** 32
+            and len(eqn.outvars) == 1)    # JAX 0.12.1's num_streams > 1: several streams, kept whole
 
 
 def _lower_random_bits(eqn, ctx, args):
@@ -104,7 +105,9 @@ def _lower_random_bits(eqn, ctx, args):
     layout, local = ctx.out_layouts[0], ctx.out_shapes[0]
     if eqn.invars[0].shape or not any(layout.dims):
         # Batched keys: only their batch dims may be split; each device draws for its keys.
-        return [eqn.prim.bind(key, **eqn.params)]
+        # (JAX 0.12.1 made random_bits a multiple-results primitive: one result per stream.)
+        out = eqn.prim.bind(key, **eqn.params)
+        return list(out) if eqn.prim.multiple_results else [out]
     # Linear index, in the global array, of every element of this device's block.
     index = jnp.zeros(local, jnp.uint32)
     for d, size in enumerate(shape):
@@ -131,4 +134,4 @@ def random_bits_factors(eqn):
     # result from ``shape`` alone gave it too few dims and the planner failed.)
     keys = [fb.new(s) for s in eqn.invars[0].shape]
     out = [fb.new(s, kind) for s in eqn.params["shape"]]
-    return fb.build([keys], [keys + out])
+    return fb.build([keys], [keys + out] * len(eqn.outvars))

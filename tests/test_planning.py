@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import statistics
 import time
 
 import jax
@@ -98,13 +97,15 @@ def test_loop_trips_multiply_step_bytes():
 
 def test_pass_time_does_not_grow_with_device_count():
     cfg = dataclasses.replace(gpt.SIZES["test"], n_layers=2)
-    times = {}
-    for shape in ("data=2,fsdp=2,model=2", "data=16,fsdp=16,model=8"):
-        runs = []
-        for _ in range(3):
+    shapes = ("data=2,fsdp=2,model=2", "data=16,fsdp=16,model=8")
+    runs = {shape: [] for shape in shapes}
+    # Interleaved, and the fastest of each: other work on the 2 shared cores only ever adds
+    # time, so a burst of it lands on both meshes' runs and the minimum is the pass's own.
+    for _ in range(3):
+        for shape in shapes:
             rep, *_ = _plan(cfg, ash.abstract_mesh(shape), "fsdp_tp", 256)
-            runs.append(sum(v for k, v in rep.program.pass_seconds.items() if k != "trace"))
-        times[shape] = statistics.median(runs)
+            runs[shape].append(sum(v for k, v in rep.program.pass_seconds.items() if k != "trace"))
+    times = {shape: min(r) for shape, r in runs.items()}
     small, big = times.values()
     # The claim is < 10% (measured in the README); 2 shared CPU cores make timings noisy.
     assert big < 1.5 * small + 0.05, times

@@ -44,6 +44,12 @@ class Reshard:
     trips: int = 0              # times it runs per step when not its value's loop trips (pipeline ticks)
 
 
+def register_rule_hint(primitive: str) -> str:
+    """The fix for a primitive without a rule, shared by the fallback warning and ``strict``."""
+    return (f"teach autoshard the primitive with ash.register_rule('{primitive}', "
+            f"'<factor string, e.g. \"i j, j k -> i k\">')")
+
+
 @dataclass(frozen=True)
 class Fallback:
     """One equation of a primitive autoshard has no rule for, computed on replicated operands.
@@ -63,9 +69,8 @@ class Fallback:
 
     @property
     def fix(self) -> str:
-        return (f"teach autoshard the primitive with ash.register_rule('{self.primitive}', "
-                f"'<factor string, e.g. \"i j, j k -> i k\">') so it runs on the shards, or compute the "
-                f"value outside the parallelized function")
+        return (f"{register_rule_hint(self.primitive)} so it runs on the shards, or compute the value "
+                f"outside the parallelized function")
 
     def __str__(self) -> str:
         cost = (f"{self.wire_bytes:,.0f} bytes on the wire per device to replicate its operands"

@@ -36,6 +36,7 @@ from ..compiler.hardware import costs_for
 from ..compiler.mesh import MeshInfo
 from ..compiler.ops import REFUSED, get_rule
 from ..compiler.ops.control_flow import drop_dead_loop_inputs
+from ..compiler.program import register_rule_hint
 from ..errors import (PlanningOnlyError, ReshardWarning, RetraceWarning, ShardingError, SpecError,
                       UnsupportedPrimitiveError, UnsupportedPrimitiveWarning)
 from ..passes import pipeline
@@ -403,9 +404,8 @@ def _refuse_primitives_without_rule(graph, strict: bool):
             raise UnsupportedPrimitiveError(
                 eqn.prim.name, eqn.source,
                 detail="strict=True refuses to compute it on replicated operands",
-                workaround=(f"teach autoshard the primitive: ash.register_rule('{eqn.prim.name}', "
-                            f"'<factor string, e.g. \"i j, j k -> i k\">'); or drop strict=True to compute "
-                            f"it on replicated operands (correct, with a warning and the cost in the report)"))
+                workaround=(f"{register_rule_hint(eqn.prim.name)}; or drop strict=True to compute it on "
+                            f"replicated operands (correct, with a warning and the cost in the report)"))
 
 
 def _from_host(value, sharding):

@@ -182,6 +182,25 @@ def test_launcher_timeout_and_usage():
 GLOO_LINE = "[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1"
 
 
+# What runs printed when two gloo communicators opened at once: the line written in pieces by two
+# threads, with the rest of one copy pushed onto the next line.
+INTERLEAVED_GLOO = ("[Gloo] Rank 0[Gloo] Rank 0 is connected to  is connected to 11 peer ranks.  peer ranks. "
+                    "Expected number of connected peer ranks is : Expected number of connected peer ranks is : 1",
+                    "1",
+                    "[Gloo] Rank [Gloo] Rank 2 is connected to 3 peer ranks. Expected number of connected peer ranks is : 3",
+                    "3 is connected to 3 peer ranks. Expected number of connected peer ranks is : 3")
+
+
+def test_transport_log_filter_drops_interleaved_gloo_lines_and_keeps_the_users():
+    from autoshard.runtime.distributed import TransportLogFilter
+    lines = [GLOO_LINE, *INTERLEAVED_GLOO, "1", "[Gloo] Rank 0[Gloo] Rank 1 said something else", "7", "hello"]
+    drops = TransportLogFilter()
+    kept = [ln for ln in lines if not drops.drops(ln + "\n")]
+    # the user's own "1" after the stray count, a line that only starts like gloo's, and the
+    # count after it are kept
+    assert kept == ["1", "[Gloo] Rank 0[Gloo] Rank 1 said something else", "7", "hello"]
+
+
 @pytest.mark.parametrize("verbose", [False, True])
 def test_launcher_shows_transport_log_lines_only_when_verbose(verbose):
     code = f"print({GLOO_LINE!r}); print('hello', flush=True)"

@@ -46,6 +46,29 @@ _DEVICE_FLAG = "--xla_force_host_platform_device_count"
 #: Log lines of the collectives' transport that say nothing to a user of ``autoshard launch``
 #: (gloo prints one per communicator it opens); shown with ``verbose=True``.
 TRANSPORT_LOG = re.compile(r"^\[Gloo\] Rank \d+ is connected to \d+ peer ranks\b")
+# Gloo writes that line in pieces ("[Gloo] Rank ", the rank, " is connected to ", ...) from one
+# thread per communicator, so communicators opening at once interleave them: "[Gloo] Rank [Gloo]
+# Rank 2 is connected to 3 peer ranks. ...: 3" with the rest of the other copy ("3 is connected
+# to ...", or just "1") on the next line. A line made only of the message's pieces belongs to the
+# transport when it starts a message, or while copies begun on earlier lines are still unfinished.
+_TRANSPORT_PIECES = re.compile(r"\[Gloo\]|Rank|is connected to|peer ranks\.?|Expected number of connected"
+                               r"|is\s*:|\d+|\s+")
+
+
+class TransportLogFilter:
+    """Says which lines of one process's output are the transport's log (see ``TRANSPORT_LOG``)."""
+
+    def __init__(self):
+        self._unfinished = 0        # messages begun on dropped lines whose newline is still to come
+
+    def drops(self, line: str) -> bool:
+        only_pieces = _TRANSPORT_PIECES.sub("", line) == ""
+        begun = line.count("[Gloo]")
+        if only_pieces and (line.startswith("[Gloo]") or self._unfinished):
+            self._unfinished = max(self._unfinished + begun - 1, 0)
+            return True
+        self._unfinished = 0
+        return bool(TRANSPORT_LOG.match(line))
 
 
 def _env_int(*names):
@@ -214,9 +237,10 @@ def _resolve_command(cmd: list[str]) -> list[str]:
 
 
 def _pump(stream, prefix: str, sink, lock, verbose: bool = True):
+    transport_log = TransportLogFilter()
     for raw in iter(stream.readline, b""):
         line = raw.decode(errors="replace")
-        if not verbose and TRANSPORT_LOG.match(line):
+        if not verbose and transport_log.drops(line):
             continue
         with lock:
             sink.write(prefix + line if line.endswith("\n") else prefix + line + "\n")

@@ -423,15 +423,17 @@ def bench(args) -> int:
     previous = open(results_path).read() if os.path.exists(results_path) else ""
     os.makedirs(args.out, exist_ok=True)
     if args.zoo:
-        table, records = zoo.zoo_table(progress=lambda line: print(line, flush=True))
+        table, records, checks = zoo.zoo_table(progress=lambda line: print(line, flush=True))
         with open(results_path, "w") as f:
-            f.write(zoo.with_section(previous, zoo.zoo_section(table, command.strip())))
+            f.write(zoo.with_section(previous, zoo.zoo_section(table, command.strip(), checks)))
         with open(os.path.join(args.out, "zoo.csv"), "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(records[0]))
             writer.writeheader()
             writer.writerows(records)
         print(table)
-        return 0
+        for c in checks:
+            print(f"{'PASS' if c.passed else 'FAIL'} {c.name}: {c.detail}")
+        return 0 if all(c.passed for c in checks) else 1
     result = benchmark.run(models=args.models, meshes=tuple(args.meshes), strategies=args.strategies,
                            scaling_layers=tuple(args.scaling_layers),
                            reference_layers=args.reference_layers, auto_layers=tuple(args.auto_layers),

@@ -3,6 +3,7 @@ HLO, equal the analytic bytes of dp, fsdp and tp on GPT and never exceed XLA's p
 the same annotations; fsdp keeps 1/n of the state per device; `autoshard bench` writes its
 table and CSV. Sizes are small; `autoshard bench` runs the full set."""
 import csv
+import dataclasses
 import math
 
 import pytest
@@ -62,22 +63,29 @@ def test_bench_command_writes_results(tmp_path):
 
 
 def test_checks_and_tables_of_hand_made_rows():
-    # autoshard moves 2 KiB where jax.jit moves 1 KiB, with no note: the first check fails and
-    # names the ratio; 2 KiB is the analytic minimum, so the second passes at 1.000.
+    # autoshard moves 2 KiB where jax.jit moves 1 KiB: the wire-bytes yardstick fails and names
+    # the ratio; flops are equal and memory is 1.5% over, inside the 2% allowed for XLA's noise;
+    # 2 KiB is the analytic minimum, so that check passes at 1.000.
     from collections import Counter
-    ours = benchmark.Measured(wire_bytes=2048.0, counts=Counter({"all-reduce": 2}), memory_bytes=10240,
+    ours = benchmark.Measured(wire_bytes=2048.0, counts=Counter({"all-reduce": 2}), memory_bytes=10394,
                               argument_bytes=4096, temp_bytes=1024, flops=2e9, compile_s=1.0, step_s=0.01)
     jit = benchmark.Measured(wire_bytes=1024.0, counts=Counter({"all-gather": 1}), memory_bytes=10240,
                              argument_bytes=4096, temp_bytes=1024, flops=2e9, compile_s=1.0, step_s=0.01)
     row = benchmark.Row("gpt", {"data": 8}, "dp", ours, jit, pass_s=0.5, analytic_bytes=2048.0, state_bytes=8192,
                         replicated_state_bytes=0, batch_bytes=512)
     found = benchmark.checks([row], [], None)
-    assert [c.passed for c in found] == [False, True]
-    assert found[0].detail == "larger: gpt data=8 dp (2.000x): NO EXPLANATION"
-    assert found[1].detail == "dp on data=8: 1.000"
+    assert [c.passed for c in found] == [False, True, True, True]
+    assert found[0].detail == "1 of 1 rows over: gpt data=8 dp (2.000x)"
+    assert [c.detail for c in found[1:]] == ["all 1 rows", "all 1 rows", "dp on data=8: 1.000"]
+    # memory at 2.5% over jit's fails; flops one part in a thousand over fails
+    over = dataclasses.replace(ours, memory_bytes=10496, flops=2.002e9)
+    flops, memory = benchmark.yardstick_checks([("r", over, jit)])[1:]
+    assert (flops.passed, memory.passed) == (False, False)
+    assert (flops.detail, memory.detail) == ("1 of 1 rows over: r (1.001x)", "1 of 1 rows over: r (1.025x)")
+    assert not benchmark.yardstick_checks([("r", None, jit)])[0].passed
     md = benchmark.results_markdown({"rows": [row], "scaling": [], "reference": None, "checks": found}, "autoshard bench")
-    assert "| gpt | data=8 | dp | 2.0 | 1.0 | 2.0 | 2.000 | 1.000 | 2AR | 1AG | 10.0 | 10.0 | 2.0000 | 2.0000 |" in md
-    assert "- **FAIL** autoshard wire bytes <= jax.jit's for every row: larger: gpt data=8 dp" in md
+    assert "| gpt | data=8 | dp | 2.0 | 1.0 | 2.0 | 2.000 | 1.000 | 2AR | 1AG | 10.2 | 10.0 | 2.0000 | 2.0000 |" in md
+    assert "- **FAIL** wire bytes <= 1.00x jax.jit's in every row: 1 of 1 rows over: gpt data=8 dp" in md
     (record,) = csv.DictReader(benchmark.write_csv([row]).splitlines())
     assert (record["wire_bytes"], record["jit_wire_bytes"], record["counts"]) == ("2048", "1024", "2AR")
 
@@ -106,3 +114,18 @@ def test_pp_row_against_the_analytic_minimum():
     assert "| gpt | data=2,stage=4 | pp |" in md and "| - |" in md
     (record,) = csv.DictReader(benchmark.write_csv([row]).splitlines())
     assert record["strategy"] == "pp" and record["jit_wire_bytes"] == ""
+
+
+def test_zoo_section_carries_the_yardstick_checks_and_replaces_only_itself():
+    from collections import Counter
+    from autoshard.benchmark import zoo
+    jit = benchmark.Measured(wire_bytes=1024.0, counts=Counter(), memory_bytes=1000, argument_bytes=0,
+                             temp_bytes=0, flops=1e9, compile_s=0.0, step_s=0.0)
+    ours = dataclasses.replace(jit, memory_bytes=1100)
+    checks = benchmark.yardstick_checks([("lib/model tp on model=8", ours, jit)])
+    section = zoo.zoo_section("| table |", "autoshard bench --zoo", checks)
+    assert "- **PASS** zoo: wire bytes <= 1.00x jax.jit's in every row: all 1 rows" in section
+    assert "- **FAIL** zoo: memory <= 1.02x jax.jit's in every row: 1 of 1 rows over: lib/model tp on model=8 (1.100x)" in section
+    old = "# results\n\nbench table\n\n" + zoo.zoo_section("| old |", "autoshard bench --zoo") + "\n"
+    new = zoo.with_section(old, section)
+    assert "| table |" in new and "| old |" not in new and new.startswith("# results\n\nbench table\n")

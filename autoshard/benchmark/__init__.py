@@ -64,9 +64,11 @@ unrolled layers (except ``pp``, whose layer loop is the pipeline: see above).
 __all__ = ["BENCH_BATCH", "BENCH_CONFIGS", "MESHES", "NOTES", "SCALING_LAYERS", "Check", "Measured", "Row",
            "PIPELINE_LAYERS", "ScalingPoint", "analytic_min_bytes", "pipeline_min_bytes", "auto_checks", "auto_rows", "checks", "linear_fit", "measure",
            "mesh_axes", "ratio_text", "rows_to_measure", "run", "scaling_point", "single_device_row", "CSV_FIELDS",
+           "YARDSTICKS", "yardstick_checks",
            "auto_markdown", "machine_line", "markdown_table", "results_markdown", "row_record", "write_csv"]
 
 from .measure import (BENCH_BATCH, BENCH_CONFIGS, MESHES, NOTES, PIPELINE_LAYERS, SCALING_LAYERS, Check,
                       Measured, Row, ScalingPoint, analytic_min_bytes, pipeline_min_bytes, auto_checks, auto_rows, checks, linear_fit, measure,
-                      mesh_axes, ratio_text, rows_to_measure, run, scaling_point, single_device_row)
+                      mesh_axes, ratio_text, rows_to_measure, run, scaling_point, single_device_row,
+                      YARDSTICKS, yardstick_checks)
 from .tables import CSV_FIELDS, auto_markdown, machine_line, markdown_table, results_markdown, row_record, write_csv

@@ -28,16 +28,17 @@ def zoo_dir() -> str:
     return path
 
 
-def zoo_table(progress=None) -> tuple[str, list[dict]]:
-    """(markdown table, records) for every zoo model x strategy."""
+def zoo_table(progress=None) -> tuple[str, list[dict], list]:
+    """(markdown table, records, checks) for every zoo model x strategy; the checks are the three
+    yardsticks against jax.jit (``measure.yardstick_checks``)."""
     if zoo_dir() not in sys.path:
         sys.path.insert(0, zoo_dir())
     bench_table = importlib.import_module("bench_table")
     rows = bench_table.zoo_rows(progress=progress)
-    return bench_table.zoo_markdown(rows), bench_table.zoo_records(rows)
+    return bench_table.zoo_markdown(rows), bench_table.zoo_records(rows), bench_table.zoo_checks(rows)
 
 
-def zoo_section(table: str, command: str) -> str:
+def zoo_section(table: str, command: str, checks=()) -> str:
     """The RESULTS.md section around ``table``, with the command that wrote it."""
     return "\n".join([
         SECTION[0], "", "## Third-party model zoo", "",
@@ -46,7 +47,9 @@ def zoo_section(table: str, command: str) -> str:
         "compiled through autoshard and through `jax.jit` with the same annotations as "
         "`NamedSharding`s. Per device and step: wire bytes from the compiled HLO, flops from "
         "`cost_analysis()`, memory from `memory_analysis()` (arguments + outputs + temporaries - "
-        "aliased); ratios are autoshard / jit.", "", table, "", SECTION[1]])
+        "aliased); ratios are autoshard / jit.", "", table, "",
+        *[f"- **{'PASS' if c.passed else 'FAIL'}** zoo: {c.name}: {c.detail}" for c in checks],
+        "", SECTION[1]])
 
 
 def existing_section(markdown: str) -> str | None:

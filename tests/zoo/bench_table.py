@@ -27,7 +27,7 @@ import jax  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 import autoshard as ash  # noqa: E402
-from autoshard.benchmark.measure import _compiled_numbers, ratio_text as _ratio  # noqa: E402
+from autoshard.benchmark.measure import _compiled_numbers, ratio_text as _ratio, yardstick_checks  # noqa: E402
 from autoshard.benchmark.tables import _counts_text, _kib  # noqa: E402
 from harness import MESHES, load_all, make_train_step, param_count, setup  # noqa: E402
 from partition_rules import STRATEGIES  # noqa: E402
@@ -97,6 +97,11 @@ def zoo_markdown(rows: list[dict]) -> str:
             f"| {_cell(o, 'memory_bytes', _kib)} | {_kib(j.memory_bytes)} | {ratio('memory_bytes')} "
             f"| {r['note'].replace('|', '/')} |")
     return "\n".join(lines)
+
+
+def zoo_checks(rows: list[dict]):
+    """The three yardsticks (wire bytes, flops, memory against jax.jit) over every zoo row."""
+    return yardstick_checks([(f"{r['model']} {r['strategy']} on {r['mesh']}", r["ours"], r["jit"]) for r in rows])
 
 
 def zoo_records(rows: list[dict]) -> list[dict]:

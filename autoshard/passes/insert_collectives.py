@@ -8,7 +8,10 @@ change once, with a reason.
 
 Partial values are first-class: ``P(sum)`` flows through ops linear in it (add of partials,
 mul by a non-partial, dot_general, reshape, ...) as long as the result is no larger, and is
-reduced where a consumer needs ``B`` (all-reduce) or ``S(d)`` (reduce-scatter). A partial
+reduced where a consumer needs ``B`` (all-reduce) or ``S(d)`` (reduce-scatter). Into a
+contraction (dot_general, conv) whose result is no smaller, a partial whose own layout splits
+its axes is reduce-scattered first: passed through, the contraction would run whole on every
+device. A partial
 value with several uses, one of which needs it reduced, is reduced once, where it is made
 (found by re-running the placement until no new such value appears).
 """

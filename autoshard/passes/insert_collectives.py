@@ -8,7 +8,10 @@ change once, with a reason.
 
 Partial values are first-class: ``P(sum)`` flows through ops linear in it (add of partials,
 mul by a non-partial, dot_general, reshape, ...) as long as the result is no larger, and is
-reduced where a consumer needs ``B`` (all-reduce) or ``S(d)`` (reduce-scatter). A partial
+reduced where a consumer needs ``B`` (all-reduce) or ``S(d)`` (reduce-scatter). Into a
+contraction (dot_general, conv) whose result is no smaller, a partial whose own layout splits
+its axes is reduce-scattered first: passed through, the contraction would run whole on every
+device. A partial
 value with several uses, one of which needs it reduced, is reduced once, where it is made
 (found by re-running the placement until no new such value appears).
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 import math
 
 from ..compiler.factors import choose, required_layout, result_partial
+from ..compiler.kinds import REDUCTION_KINDS
 from ..compiler.layout import Layout
 from ..compiler.ops import get_rule, local_context, partial_passes
 from ..compiler.ops.constraint import constraint_spec
@@ -222,6 +226,18 @@ class _Placer:
                 f"{where}: pipeline over {pipe.axis!r}: the {'first' if pipe.reverse else 'last'} stage hands "
                 f"the finished batch to every stage", eqn.source, where, internal=True))
 
+    def split_first(self, eqn, fr, parts, out_elems, in_elems) -> bool:
+        """Reduce a partial operand before a contraction (dot_general, conv) rather than pass the
+        partial through it, where the operand's own layout splits the partial's axes and the
+        result is no smaller: kept partial, the operand is whole on every device and the
+        contraction runs on it whole (the partial's axes are reserved), so every device does
+        the full op; reduced first, it is a reduce-scatter of this operand (never more bytes
+        than reducing the result, which is no smaller) and the contraction is split."""
+        if out_elems < in_elems or not any(k in REDUCTION_KINDS for k in fr.kinds):
+            return False
+        return any(q and {a for a, _ in q} & set(self.canonical(v).split_axes)
+                   for v, q in zip(eqn.invars, parts))
+
     def equation(self, eqn):
         p = self.p
         fr = p.rules[eqn.index]
@@ -232,7 +248,7 @@ class _Placer:
         if any(parts) and constraint_spec(eqn) is None and partial_passes(rule.partial_mode(eqn), eqn, parts):
             out_elems = sum(math.prod(o.shape) for o in eqn.outvars)
             in_elems = max(math.prod(v.shape) for v, q in zip(eqn.invars, parts) if q)
-            keep = out_elems <= in_elems
+            keep = out_elems <= in_elems and not self.split_first(eqn, fr, parts, out_elems, in_elems)
         passed = tuple(sorted({q for qs in parts for q in qs})) if keep else ()
         partial_inputs = [v for v, q in zip(eqn.invars, parts) if q]
         if (passed and len(partial_inputs) == 1 and len(eqn.outvars) == 1

@@ -67,6 +67,12 @@ class FactorBuilder:
             return ()
         return self.add(size, kind)
 
+    def even(self, size: int, kind: FactorKind = FactorKind.PASS) -> tuple[int, ...]:
+        """A fresh factor made compound with a size-1 ``replicate`` one, so that it is only
+        split evenly (``factors.compound_factors``); size-1 dims get none."""
+        f = self.new(size, kind)
+        return f + self.add(1, FactorKind.REPLICATE) if f else f
+
     def add(self, size: int, kind: FactorKind) -> tuple[int, ...]:
         """A fresh factor, even of size 1 (``conv._even`` pairs a factor with a size-1
         ``replicate`` one so that it is compound and splits only evenly)."""

@@ -137,3 +137,16 @@ def test_plan_pieces_cover_every_row_once():
                 seen[key] = q.src * (3 * D // n) + q.src_off + i
     assert seen == {(res, row): res * D + row for res in range(3) for row in range(D)}
     assert sum(r.remote for r in p.rounds) == 3
+
+
+@pytest.mark.parametrize("op", ["split", "slice", "concatenate", "pad"])
+def test_dim_split_over_two_axes(op):
+    """A dim split over ``(data, model)``: blocks numbered major to minor, pairs translated."""
+    x, y = _normal(3, 48), _normal(3, 16)
+    fns = {"split": lambda x, y: tuple(jnp.split(x, [16, 40], axis=1)),
+           "slice": lambda x, y: x[:, 4:36],
+           "concatenate": lambda x, y: jnp.concatenate([y, x], axis=1),
+           "pad": lambda x, y: jnp.pad(y, ((0, 0), (4, 12)))}
+    spec = P(None, ("data", "model"))
+    out = {"split": (spec,) * 3}.get(op, spec)
+    check(fns[op], (x, y), (spec, spec), out, mesh="data=2,model=4")

@@ -106,6 +106,9 @@ class OpRule:
     # (eqn, ctx) -> [(operand index, planner.Transform, reason)]. The report lists them with
     # the planned reshards; ``lower`` must run exactly these.
     internal: Callable | None = None
+    # Price ``internal`` in the choice of the op's factor assignment (its collectives depend
+    # on where the moved rows sit, not only on the layouts: a slice's re-indexing).
+    priced: bool = False
     # True only for ``FALLBACK``: no rule is known, the equation runs on replicated operands.
     fallback: bool = False
 
@@ -125,7 +128,7 @@ class OpRule:
 RULES: dict[str, OpRule] = {}
 
 
-def register(*prims, partial=PartialMode.NONE, localize=None, lower=None, internal=None):
+def register(*prims, partial=PartialMode.NONE, localize=None, lower=None, internal=None, priced=False):
     """Decorator: ``@register(lax.add_p, lax.sub_p, partial=PartialMode.SAME_SUM)`` on a factor
     function."""
     if not callable(partial):
@@ -134,7 +137,7 @@ def register(*prims, partial=PartialMode.NONE, localize=None, lower=None, intern
     def deco(fn):
         for p in prims:
             name = p if isinstance(p, str) else p.name
-            RULES[name] = OpRule(fn, partial, localize, lower, internal)
+            RULES[name] = OpRule(fn, partial, localize, lower, internal, priced)
         return fn
     return deco
 

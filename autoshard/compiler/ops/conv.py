@@ -615,7 +615,7 @@ def _pad_internal(eqn, ctx):
                                               fill=_fill_tag(eqn.invars[1]))]
 
 
-@register(lax.pad_p, partial=_pad_partial, lower=_lower_pad, internal=_pad_internal)
+@register(lax.pad_p, partial=_pad_partial, lower=_lower_pad, internal=_pad_internal, priced=True)
 def pad_factors(eqn):
     fb = FactorBuilder()
     dims = [_window_dims(fb, w) for w in _pad_windows(eqn)]

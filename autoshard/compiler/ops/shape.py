@@ -194,7 +194,7 @@ def _concatenate_internal(eqn, ctx):
 
 
 @register(lax.concatenate_p, partial=PartialMode.SAME_SUM, lower=_lower_concatenate,
-          internal=_concatenate_internal)
+          internal=_concatenate_internal, priced=True)
 def concatenate_factors(eqn):
     dim = eqn.params["dimension"]
     return _moved_dims_factors(eqn, {dim}, len(eqn.invars), {dim})
@@ -248,7 +248,7 @@ def _slice_internal(eqn, ctx):
             for t, r in reindex.transforms(p, d, axes, ctx.axis_sizes, shape, "slice")]
 
 
-@_structural(lax.slice_p, lower=_lower_slice, internal=_slice_internal)
+@_structural(lax.slice_p, lower=_lower_slice, internal=_slice_internal, priced=True)
 def slice_factors(eqn):
     return _moved_dims_factors(eqn, _sliced_dims(eqn), 1, _unit_stride_dims(eqn))
 
@@ -267,7 +267,7 @@ def _split_internal(eqn, ctx):
                                             None, "split") or []]
 
 
-@_structural(lax.split_p, lower=_lower_split, internal=_split_internal)
+@_structural(lax.split_p, lower=_lower_split, internal=_split_internal, priced=True)
 def split_factors(eqn):
     axis = eqn.params["axis"]
     return _moved_dims_factors(eqn, {axis}, 1, {axis})

@@ -150,3 +150,38 @@ def test_dim_split_over_two_axes(op):
     spec = P(None, ("data", "model"))
     out = {"split": (spec,) * 3}.get(op, spec)
     check(fns[op], (x, y), (spec, spec), out, mesh="data=2,model=4")
+
+
+def _random_case(rng):
+    """A slice, a concatenate or a pad of ``[2, 8k]`` rows over 8 devices, random offsets."""
+    kind = rng.choice(["slice", "concatenate", "pad", "split"])
+    a = 8 * int(rng.integers(1, 7))
+    if kind == "slice":
+        length = 8 * int(rng.integers(1, a // 8 + 1))
+        start = int(rng.integers(0, a - length + 1))
+        return kind, (a,), lambda x: x[:, start:start + length]
+    if kind == "concatenate":
+        b = 8 * int(rng.integers(1, 7))
+        return kind, (a, b), lambda x, y: jnp.concatenate([x, y, x], axis=1)
+    if kind == "split":
+        cuts = sorted(8 * int(c) for c in rng.choice(np.arange(1, a // 8 + 3), 2, replace=False))
+        b = cuts[-1] + 8
+        return kind, (b,), lambda x: tuple(jnp.split(x, cuts, axis=1))
+    lo = int(rng.integers(-a // 2, 12))
+    hi = 8 * int(rng.integers(1, 4)) - (lo % 8)
+    return kind, (a,), lambda x: lax.pad(x, jnp.float32(-1.0), ((0, 0, 0), (lo, hi, 0)))
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_random_offsets(seed):
+    """Seeded random offsets and lengths: the same numbers as one device, never a gather."""
+    rng = np.random.default_rng(seed)
+    kind, widths, fn = _random_case(rng)
+    args = tuple(_normal(2, w) for w in widths)
+    spec = P(None, "model")
+    out = jax.eval_shape(fn, *args)
+    pf = ash.parallelize(fn, mesh=ash.make_mesh("model=8"), in_specs=(spec,) * len(args),
+                         out_specs=jax.tree.map(lambda _: spec, out))
+    assert_tree_close(pf(*args), fn(*args))
+    _, hlo = assert_report_matches_hlo(pf, *args)
+    assert count(hlo, "all-gather") == 0, (kind, hlo)

@@ -84,12 +84,17 @@ def pieces(in_sizes, out_sizes, segments, n) -> list[Piece]:
     return out
 
 
-def _pack(items, n) -> list[Round]:
+def _pack(items, n, blocks, exact: bool) -> list[Round]:
+    """First fit, longest pieces first, into rounds where each device sends and receives at
+    most once. ``exact``: a round holds pieces of its length only; else any shorter piece
+    too (its sender sends the round's length, the receiver keeps the piece's rows), from an
+    operand whose blocks (``blocks``) hold that many rows."""
     rounds: list[tuple[int, bool, list, set, set]] = []
     for p in sorted(items, key=lambda p: (-p.length, (p.dst - p.src) % n, p.src, p.result)):
         remote = p.src != p.dst
         for length, rem, got, senders, receivers in rounds:
-            if length == p.length and rem == remote and p.src not in senders and p.dst not in receivers:
+            if ((length == p.length or not exact and length <= blocks[p.operand]) and rem == remote
+                    and p.src not in senders and p.dst not in receivers):
                 break
         else:
             got, senders, receivers = [], set(), set()
@@ -100,9 +105,18 @@ def _pack(items, n) -> list[Round]:
     return [Round(length, rem, tuple(got)) for length, rem, got, _, _ in rounds]
 
 
+def wire_rows(p: "Plan") -> int:
+    return sum(r.length for r in p.rounds if r.remote)
+
+
 @lru_cache(maxsize=4096)
 def plan(in_sizes: tuple, out_sizes: tuple, segments: tuple, n: int) -> Plan:
-    return Plan(n, in_sizes, out_sizes, tuple(_pack(pieces(in_sizes, out_sizes, segments, n), n)))
+    """The cheaper (rows on the wire, then rounds) of rounds of one piece length and rounds
+    that carry shorter pieces in longer slabs."""
+    items = pieces(in_sizes, out_sizes, segments, n)
+    blocks = [s // n for s in in_sizes]
+    plans = [Plan(n, in_sizes, out_sizes, tuple(_pack(items, n, blocks, exact))) for exact in (True, False)]
+    return min(plans, key=lambda q: (wire_rows(q), len(q.rounds)))
 
 
 def divisible(sizes, n) -> bool:
@@ -163,19 +177,25 @@ def _table(values, default, n):
 
 def apply(xs, dim, axes, axis_sizes, p: Plan, fill=None):
     """Run plan ``p`` on this device's blocks ``xs`` (one per operand) of a dim split over
-    ``axes``; the result blocks, rows no piece covers set to ``fill`` (0 when None)."""
+    ``axes``; the result blocks, rows no piece covers set to ``fill`` (0 when None).
+
+    Each result block is built in a buffer with ``m`` spare rows before and after it (``m``
+    the longest round): devices without a piece in a round write into them. A slab longer
+    than its piece starts at most ``length`` rows before the piece (kept inside the source
+    block) and only the piece's rows are kept."""
     n = p.n
     b = collectives.block_index(axes, axis_sizes)
     x0 = xs[0]
+    m = max((r.length for r in p.rounds), default=0)
     outs = []
-    scratch = max((r.length for r in p.rounds), default=0)
     for size in p.out_sizes:
         shape = list(x0.shape)
-        shape[dim] = size // n + scratch
+        shape[dim] = size // n + 2 * m
         outs.append(jnp.full(shape, 0 if fill is None else fill, x0.dtype))
     for r in p.rounds:
         operands = sorted({q.operand for q in r.pieces})
-        src_off = _table([(q.src, q.src_off) for q in r.pieces], 0, n)[b]
+        start = {q.src: min(q.src_off, p.in_sizes[q.operand] // n - r.length) for q in r.pieces}
+        src_off = _table(start.items(), 0, n)[b]
         sent = [lax.dynamic_slice_in_dim(xs[k], src_off, r.length, axis=dim) for k in operands]
         if len(sent) == 1:
             piece = sent[0]
@@ -185,10 +205,20 @@ def apply(xs, dim, axes, axis_sizes, p: Plan, fill=None):
         if r.remote:
             piece = collectives.permute_blocks(piece, axes, axis_sizes, p.pairs(r))
         for res in sorted({q.result for q in r.pieces}):
-            bo = p.out_sizes[res] // n
-            dst_off = _table([(q.dst, q.dst_off) for q in r.pieces if q.result == res], bo, n)[b]
-            outs[res] = lax.dynamic_update_slice_in_dim(outs[res], piece, dst_off, axis=dim)
-    return [lax.slice_in_dim(o, 0, size // n, axis=dim) for o, size in zip(outs, p.out_sizes)]
+            got = [q for q in r.pieces if q.result == res]
+            at = _table([(q.dst, m + q.dst_off - (q.src_off - start[q.src])) for q in got],
+                        m + p.out_sizes[res] // n, n)[b]
+            placed = lax.dynamic_update_slice_in_dim(outs[res], piece, at, axis=dim)
+            if all(q.length == r.length for q in got):
+                outs[res] = placed
+                continue
+            first = _table([(q.dst, m + q.dst_off) for q in got], 0, n)[b]
+            stop = first + _table([(q.dst, q.length) for q in got], 0, n)[b]
+            shape = [1] * placed.ndim
+            shape[dim] = placed.shape[dim]
+            row = lax.broadcasted_iota(jnp.int32, tuple(shape), dim)
+            outs[res] = jnp.where((row >= first) & (row < stop), placed, outs[res])
+    return [lax.slice_in_dim(o, m, m + size // n, axis=dim) for o, size in zip(outs, p.out_sizes)]
 
 
 @dataclass(frozen=True)

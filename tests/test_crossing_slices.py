@@ -121,6 +121,21 @@ def test_gradient_through_an_uneven_slice():
     check(jax.grad(lambda x: jnp.sum(jnp.cos(x[:, 5:45]))), (x,), (spec,), spec)
 
 
+def test_gathers_the_operand_where_that_is_cheaper():
+    """Columns ``[8, 72)`` of 72 wanted whole: moving 7 columns then gathering 8 per device
+    costs what gathering the 9 of the operand does, in two collectives: one all-gather."""
+    x = _normal(4, 72)
+    f = lambda x: x[:, 8:]
+    pf = ash.parallelize(f, mesh=ash.make_mesh("model=8"), in_specs=(P(None, "model"),), out_specs=P())
+    np.testing.assert_allclose(pf(x), f(x))
+    _, hlo = assert_report_matches_hlo(pf, x)
+    assert [(c.kind, c.shape) for c in hlo] == [("all-gather", (4, 9))]
+    # Wanted split, the same slice moves one round of 7 columns instead.
+    pf = ash.parallelize(f, mesh=pf.mesh, in_specs=(P(None, "model"),), out_specs=P(None, "model"))
+    _, hlo = assert_report_matches_hlo(pf, x)
+    assert [(c.kind, c.shape) for c in hlo] == [("collective-permute", (4, 7))]
+
+
 def test_plan_pieces_cover_every_row_once():
     """The plan of the fused QKV split: every result row comes from its operand row, each
     device sends and receives at most one piece per round."""

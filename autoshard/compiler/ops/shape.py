@@ -7,9 +7,12 @@ split of ``[B, T, D]``'s ``D`` over ``model`` reaches the head dim of ``[B, T, H
     reshape f32[8,32] -> f32[8,4,8]     factors a:8 b:4 c:8
     operand (a)(b,c)   result (a)(b)(c)
 
-Dims that are sliced, concatenated or reversed are ``replicate`` factors here (a split along
-them needs offsets); ``pad`` lives with the windowed ops in ``conv.py`` (halos). ``iota`` along a split dim adds the device's
-block offset in its local lowering.
+The dim a ``slice`` (stride 1), ``split`` or ``concatenate`` moves is one factor shared by
+operands and results, split only evenly: a split one stays split and the lowering moves just
+the rows that cross device blocks (``compiler/reindex.py``, collective-permutes listed by the
+rule's ``internal`` and priced in its choice). Strided and reversed dims are ``replicate``
+factors (a split along them needs offsets); ``pad`` lives with the windowed ops in
+``conv.py``. ``iota`` along a split dim adds the device's block offset in its local lowering.
 """
 from __future__ import annotations
 

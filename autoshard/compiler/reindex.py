@@ -5,11 +5,13 @@ equal blocks (each length divisible by the number of blocks ``n``). Result block
 result rows ``[b*Bo, (b+1)*Bo)``; each row comes from one row of one operand (or is padding).
 Where a run of rows crosses no block boundary it is one *piece*: ``(source block, offset in
 it, destination block, offset in it, length)``. Pieces a device holds itself are local copies;
-the others move with collective-permutes, greedily packed into *rounds* of one length in
-which every device sends at most one piece and receives at most one. Each round is one
+the others move with collective-permutes, greedily packed into *rounds* in which every device
+sends at most one piece and receives at most one (of one length, or shorter pieces carried in
+a longer slab and masked on arrival, whichever moves fewer rows). Each round is one
 ``ppermute`` of a ``dynamic_slice`` whose offset the sender reads from a constant table indexed
 by its block index; the receiver writes it with ``dynamic_update_slice`` at its own table
-offset (devices without a piece in the round write into a scratch block past the end).
+offset (devices without a piece in the round write into spare rows past the block). Local
+copies are rounds too, without the ``ppermute``.
 
 Fused QKV ``[B,T,3D]`` split 8 ways, cut into q, k, v (blocks of ``D/8``): device ``j`` of q
 needs the ``D/8`` rows that start ``j*D/8``, held by block ``floor(j/3)``; the three results'

@@ -82,7 +82,7 @@ def _n_blocks(axes, axis_sizes):
     return n
 
 
-def _ppermute(x, axes, axis_sizes, pairs):
+def permute_blocks(x, axes, axis_sizes, pairs):
     """``ppermute`` between block indices of a dim split over ``axes`` (major to minor).
     Over several axes jax numbers the devices in mesh order whatever the order of ``axes``
     (``axis_sizes`` is in mesh order): the pairs are translated."""
@@ -102,7 +102,7 @@ def _ppermute(x, axes, axis_sizes, pairs):
     return lax.ppermute(x, tuple(mesh_order), [(rank(s), rank(t)) for s, t in pairs])
 
 
-def _moved_axes(axes, axis_sizes, pairs):
+def moved_axes(axes, axis_sizes, pairs):
     """Mesh axes along which some source and its target differ (as the HLO shows them)."""
     sizes = [axis_sizes[a] for a in axes]
 
@@ -129,7 +129,7 @@ def window_pieces(axes, axis_sizes, block, first, end):
             continue
         pairs = () if k == 0 or abs(k) >= n else \
             tuple((s, s - k) for s in range(max(k, 0), n + min(k, 0)))
-        out.append((k, start, stop, pairs, _moved_axes(axes, axis_sizes, pairs) if pairs else ()))
+        out.append((k, start, stop, pairs, moved_axes(axes, axis_sizes, pairs) if pairs else ()))
     return out
 
 
@@ -146,7 +146,7 @@ def window_rows(x, dim, axes, axis_sizes, first, end, fill=None, size=None):
         piece = lax.slice_in_dim(x, start, stop, axis=dim)
         if k != 0:
             if pairs:
-                piece = _ppermute(piece, axes, axis_sizes, pairs)
+                piece = permute_blocks(piece, axes, axis_sizes, pairs)
             else:
                 piece = jnp.zeros_like(piece)
         pieces.append(piece)
@@ -173,7 +173,7 @@ def window_return(y, dim, axes, axis_sizes, block, first, end):
         if k != 0 and not pairs:
             continue
         if pairs:
-            piece = _ppermute(piece, axes, axis_sizes, [(t, s) for s, t in pairs])
+            piece = permute_blocks(piece, axes, axis_sizes, [(t, s) for s, t in pairs])
         widths = [(0, 0)] * y.ndim
         widths[dim] = (start, block - stop)
         own = own + jnp.pad(piece, widths)

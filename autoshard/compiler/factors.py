@@ -271,9 +271,13 @@ def clear_caches() -> None:
     _result_partial.cache_clear()
 
 
-def choose(rule, tensors, axis_sizes, links, reserved=(), passed_partial=()) -> Choice:
+def choose(rule, tensors, axis_sizes, links, reserved=(), passed_partial=(), extra=None) -> Choice:
     """:func:`choose_uncached`, memoized on everything it reads: repeated layers present the
-    same rule and layouts again and again, and propagation revisits equations."""
+    same rule and layouts again and again, and propagation revisits equations. With ``extra``
+    (an op whose own lowering runs collectives that depend on params the rule does not show,
+    as the offsets of a slice) it is not memoized."""
+    if extra is not None:
+        return choose_uncached(rule, tensors, axis_sizes, links, reserved, passed_partial, extra)
     key = (rule.sizes, rule.kinds, rule.operands, rule.results, rule.accumulators,
            tuple(d for _, d in rule.linked),
            tuple((t.dims, t.shape, t.itemsize, t.layout, t.priority, t.is_result, t.accumulator,
@@ -287,16 +291,21 @@ def choose(rule, tensors, axis_sizes, links, reserved=(), passed_partial=()) -> 
     return hit
 
 
-def choose_uncached(rule, tensors, axis_sizes, links, reserved=(), passed_partial=()) -> Choice:
+def choose_uncached(rule, tensors, axis_sizes, links, reserved=(), passed_partial=(), extra=None) -> Choice:
     """The assignment for one equation.
 
     Where the known tensors agree, their merge is taken as is (as Shardy's propagation
     does: annotations flow, and a weight split on a contracting dim stays split, leaving a
     partial result). Only where they conflict, or the merge is not legal here, are the
-    candidates priced and the cheapest taken.
+    candidates priced and the cheapest taken. ``extra(assignment)``: seconds of the op's own
+    collectives under an assignment (``OpRule.priced``); with it, candidates are always priced
+    (moving the rows a slice keeps can cost more than gathering its operand).
     """
+    def cost(a):
+        c = assignment_cost(a, rule, tensors, axis_sizes, links, passed_partial)
+        return c if c is None or extra is None else c + extra(a)
     merged, agree, _ = merged_assignment(rule, tensors, axis_sizes)
-    if agree:
+    if agree and extra is None:
         legal = legalize(merged, rule, axis_sizes, set(reserved))
         if legal == [merged]:
             c = assignment_cost(merged, rule, tensors, axis_sizes, links, passed_partial)
@@ -305,10 +314,10 @@ def choose_uncached(rule, tensors, axis_sizes, links, reserved=(), passed_partia
     best, best_cost = None, math.inf
     candidates = candidate_assignments(rule, tensors, axis_sizes, reserved)
     for cand in candidates:
-        c = assignment_cost(cand, rule, tensors, axis_sizes, links, passed_partial)
+        c = cost(cand)
         if c is not None and c < best_cost - 1e-18:
             best, best_cost = cand, c
     if best is None:
         best = ((),) * len(rule.sizes)
-        best_cost = assignment_cost(best, rule, tensors, axis_sizes, links, passed_partial)
-    return Choice(best, best_cost, True, len(candidates))
+        best_cost = cost(best)
+    return Choice(best, best_cost, not agree, len(candidates))

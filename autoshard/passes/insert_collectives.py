@@ -28,7 +28,7 @@ from ..compiler.ops.control_flow import region_boundaries
 from ..compiler.planner import Transform, plan
 from ..compiler.cost_model import wire_bytes
 from ..compiler.program import Fallback, Reshard
-from .propagate import eqn_tensors
+from .propagate import eqn_tensors, internal_cost
 
 name = "insert_collectives"
 MAX_ROUNDS = 6
@@ -262,7 +262,8 @@ class _Placer:
             best = None                                    # it splits an axis the partial holds
         if best is None:
             best = choose(fr, tensors, self.sizes, self.links, reserved={a for a, _ in passed},
-                          passed_partial=passed).assignment
+                          passed_partial=passed,
+                          extra=internal_cost(eqn, fr, tensors, self.sizes, self.links)).assignment
         p.assignments[eqn.index] = best
         reduced = result_partial(best, fr)
         where = f"{eqn.prim.name} at {eqn.source}"

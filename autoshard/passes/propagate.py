@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from ..compiler.factors import Tensor, choose, project_back
 from ..compiler.layout import Layout
-from ..compiler.ops import get_rule
+from ..compiler.ops import get_rule, local_context
+from ..compiler.planner import LATENCY_WEIGHT_IN_CHOICES, transform_time
 from ..compiler.program import Provenance
 
 name = "propagate"
@@ -38,6 +39,25 @@ def eqn_tensors(program, eqn, layout_of, with_linked=False):
     return tensors
 
 
+def internal_cost(eqn, fr, tensors, sizes, links):
+    """``extra`` for ``factors.choose``: seconds of the collectives an ``OpRule.priced`` op's
+    own lowering runs under an assignment (None for every other op)."""
+    rule = get_rule(eqn)
+    if not rule.priced:
+        return None
+    n_in, n_out = len(eqn.invars), len(eqn.outvars)
+
+    def extra(assignment):
+        lays = [project_back(assignment, t.dims, fr.sizes, sizes) for t in tensors[:n_in + n_out]]
+        if any(d is None for d in lays):
+            return 0.0
+        lays = [Layout(d) for d in lays]
+        ctx = local_context(eqn, lays[:n_in], lays[n_in:], sizes)
+        return sum(transform_time(t, eqn.invars[i].dtype.itemsize, sizes, links, LATENCY_WEIGHT_IN_CHOICES)
+                   for i, t, _ in rule.internal(eqn, ctx))
+    return extra
+
+
 def _values(program, eqn):
     return (*eqn.invars, *eqn.outvars, *(v for v, _ in program.rules[eqn.index].linked))
 
@@ -55,7 +75,7 @@ def run(program):
         if all(t.layout is None for t in tensors):
             return False
         fr = program.rules[eqn.index]
-        choice = choose(fr, tensors, sizes, links)
+        choice = choose(fr, tensors, sizes, links, extra=internal_cost(eqn, fr, tensors, sizes, links))
         best = choice.assignment
         how = (f"; cost-based choice among {choice.candidates} candidates (the layouts around it conflicted)"
                if choice.by_cost else "")

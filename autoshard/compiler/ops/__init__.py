@@ -67,6 +67,12 @@ class FactorBuilder:
             return ()
         return self.add(size, kind)
 
+    def even(self, size: int, kind: FactorKind = FactorKind.PASS) -> tuple[int, ...]:
+        """A fresh factor made compound with a size-1 ``replicate`` one, so that it is only
+        split evenly (``factors.compound_factors``); size-1 dims get none."""
+        f = self.new(size, kind)
+        return f + self.add(1, FactorKind.REPLICATE) if f else f
+
     def add(self, size: int, kind: FactorKind) -> tuple[int, ...]:
         """A fresh factor, even of size 1 (``conv._even`` pairs a factor with a size-1
         ``replicate`` one so that it is compound and splits only evenly)."""
@@ -100,6 +106,9 @@ class OpRule:
     # (eqn, ctx) -> [(operand index, planner.Transform, reason)]. The report lists them with
     # the planned reshards; ``lower`` must run exactly these.
     internal: Callable | None = None
+    # Price ``internal`` in the choice of the op's factor assignment (its collectives depend
+    # on where the moved rows sit, not only on the layouts: a slice's re-indexing).
+    priced: bool = False
     # True only for ``FALLBACK``: no rule is known, the equation runs on replicated operands.
     fallback: bool = False
 
@@ -119,7 +128,7 @@ class OpRule:
 RULES: dict[str, OpRule] = {}
 
 
-def register(*prims, partial=PartialMode.NONE, localize=None, lower=None, internal=None):
+def register(*prims, partial=PartialMode.NONE, localize=None, lower=None, internal=None, priced=False):
     """Decorator: ``@register(lax.add_p, lax.sub_p, partial=PartialMode.SAME_SUM)`` on a factor
     function."""
     if not callable(partial):
@@ -128,7 +137,7 @@ def register(*prims, partial=PartialMode.NONE, localize=None, lower=None, intern
     def deco(fn):
         for p in prims:
             name = p if isinstance(p, str) else p.name
-            RULES[name] = OpRule(fn, partial, localize, lower, internal)
+            RULES[name] = OpRule(fn, partial, localize, lower, internal, priced)
         return fn
     return deco
 

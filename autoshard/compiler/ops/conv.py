@@ -55,7 +55,7 @@ import numpy as np
 from jax import lax
 
 from . import FactorBuilder, extreme_value, register
-from .. import collectives
+from .. import collectives, reindex
 from ..kinds import FactorKind, PartialMode
 from ..planner import Transform
 
@@ -560,8 +560,38 @@ def _pad_partial(eqn):
     return PartialMode.UNARY_SUM if v.is_const and not np.any(np.asarray(v.const)) else PartialMode.NONE
 
 
+def _pad_crossing(eqn, ctx):
+    """``[(dim, axes, reindex plan)]`` when every split padded dim has no interior padding and
+    lengths that split evenly: only the rows that cross device blocks move
+    (``compiler/reindex.py``), where halos sized for the furthest-drifting block would move
+    many more. None otherwise (halos)."""
+    out = []
+    for d, (lo, hi, interior) in enumerate(eqn.params["padding_config"]):
+        axes = ctx.in_layouts[0].dims[d]
+        if not axes or (lo, hi, interior) == (0, 0, 0):
+            continue
+        n = math.prod(ctx.axis_sizes[a] for a in axes)
+        i, o = eqn.invars[0].shape[d], eqn.outvars[0].shape[d]
+        if interior or i % n or o % n:
+            return None
+        out.append((d, axes, reindex.plan((i,), (o,), reindex.pad_segments(i, lo, hi), n)))
+    return out or None
+
+
+def _pad_locally(eqn, crossing):
+    """The padding config of the local pad that runs before the re-indexing."""
+    moved = {d for d, _, _ in crossing}
+    return tuple((0, 0, 0) if d in moved else tuple(c) for d, c in enumerate(eqn.params["padding_config"]))
+
+
 def _lower_pad(eqn, ctx, args):
     x, value = args
+    crossing = _pad_crossing(eqn, ctx)
+    if crossing:
+        x = eqn.prim.bind(x, value, padding_config=_pad_locally(eqn, crossing))
+        for d, axes, p in crossing:
+            (x,) = reindex.apply([x], d, axes, ctx.axis_sizes, p, fill=value)
+        return [x]
     halos = _window_halos(_pad_windows(eqn), ctx, 0)
     x = _extend(x, halos, ctx.axis_sizes, None if _fill_tag(eqn.invars[1]) is None else value)
     config = [tuple(c) for c in eqn.params["padding_config"]]
@@ -571,12 +601,21 @@ def _lower_pad(eqn, ctx, args):
 
 
 def _pad_internal(eqn, ctx):
+    crossing = _pad_crossing(eqn, ctx)
+    if crossing:
+        shape = [o if not lay else i for i, o, lay in
+                 zip(ctx.in_shapes[0], ctx.out_shapes[0], ctx.in_layouts[0].dims)]
+        out = []
+        for d, axes, p in crossing:
+            out += [(0, t, r) for t, r in reindex.transforms(p, d, axes, ctx.axis_sizes, shape, "pad")]
+            shape[d] = ctx.out_shapes[0][d]
+        return out
     halos = _window_halos(_pad_windows(eqn), ctx, 0)
     return [(0, t, r) for t, r in _transforms(halos, ctx.axis_sizes, "pad halo",
                                               fill=_fill_tag(eqn.invars[1]))]
 
 
-@register(lax.pad_p, partial=_pad_partial, lower=_lower_pad, internal=_pad_internal)
+@register(lax.pad_p, partial=_pad_partial, lower=_lower_pad, internal=_pad_internal, priced=True)
 def pad_factors(eqn):
     fb = FactorBuilder()
     dims = [_window_dims(fb, w) for w in _pad_windows(eqn)]

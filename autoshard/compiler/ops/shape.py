@@ -7,9 +7,12 @@ split of ``[B, T, D]``'s ``D`` over ``model`` reaches the head dim of ``[B, T, H
     reshape f32[8,32] -> f32[8,4,8]     factors a:8 b:4 c:8
     operand (a)(b,c)   result (a)(b)(c)
 
-Dims that are sliced, concatenated or reversed are ``replicate`` factors here (a split along
-them needs offsets); ``pad`` lives with the windowed ops in ``conv.py`` (halos). ``iota`` along a split dim adds the device's
-block offset in its local lowering.
+The dim a ``slice`` (stride 1), ``split`` or ``concatenate`` moves is one factor shared by
+operands and results, split only evenly: a split one stays split and the lowering moves just
+the rows that cross device blocks (``compiler/reindex.py``, collective-permutes listed by the
+rule's ``internal`` and priced in its choice). Strided and reversed dims are ``replicate``
+factors (a split along them needs offsets); ``pad`` lives with the windowed ops in
+``conv.py``. ``iota`` along a split dim adds the device's block offset in its local lowering.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import math
 from jax import lax
 
 from . import FactorBuilder, register
-from .. import collectives
+from .. import collectives, reindex
 from ..kinds import FactorKind, PartialMode
 
 
@@ -138,24 +141,66 @@ def iota_factors(eqn):
     return fb.build([()] * len(eqn.invars), [[fb.new(s) for s in eqn.outvars[0].shape]])
 
 
-# -- concatenate / slice / split / pad ------------------------------------------------------
-def _moved_dims_factors(eqn, moved: set, n_shared_operands: int):
-    """Dims in ``moved`` are ``replicate`` (a fresh factor per tensor); the other dims are
-    shared by the first ``n_shared_operands`` operands and every result."""
+# -- concatenate / slice / split -----------------------------------------------------------
+# The moved dim (stride 1) is one factor shared by operands and results, made compound
+# (``FactorBuilder.even``) so that it splits only where every length divides evenly; the
+# lowering then moves just the rows that cross device blocks (``compiler/reindex.py``) instead
+# of gathering the operand whole. A strided slice's dim stays ``replicate``.
+def _moved_dims_factors(eqn, moved: set, n_shared_operands: int, crossing=frozenset()):
+    """Dims in ``moved`` are ``replicate`` (a fresh factor per tensor), except those in
+    ``crossing``, one even factor of the gcd of every length shared by all; the other dims
+    are shared by the first ``n_shared_operands`` operands and every result."""
     fb = FactorBuilder()
     base = eqn.invars[0].shape
-    shared = [None if d in moved else fb.new(s) for d, s in enumerate(base)]
+    tensors = [v.shape for v in eqn.invars[:n_shared_operands]] + [v.shape for v in eqn.outvars]
+    shared = {}
+    for d, s in enumerate(base):
+        if d not in moved:
+            shared[d] = fb.new(s)
+        elif d in crossing and all(t[d] > 0 for t in tensors):
+            shared[d] = fb.even(math.gcd(*(t[d] for t in tensors)))
 
     def dims_of(shape):
-        return [fb.new(s, FactorKind.REPLICATE) if shared[d] is None else shared[d] for d, s in enumerate(shape)]
+        return [shared[d] if d in shared else fb.new(s, FactorKind.REPLICATE) for d, s in enumerate(shape)]
     operands = [dims_of(v.shape) if k < n_shared_operands else [()] * len(v.shape)
                 for k, v in enumerate(eqn.invars)]
     return fb.build(operands, [dims_of(v.shape) for v in eqn.outvars])
 
 
-@register(lax.concatenate_p, partial=PartialMode.SAME_SUM)
+def _crossing(eqn, dim, segments, ctx, args, what):
+    """Lower (``args``) or list the permutes of (``args is None``) a re-indexing along
+    ``dim``; None when the dim is not split (the op runs locally)."""
+    axes = ctx.in_layouts[0].dims[dim]
+    if not axes:
+        return None
+    n = math.prod(ctx.axis_sizes[a] for a in axes)
+    ins = tuple(v.shape[dim] for v in eqn.invars)
+    outs = tuple(o.shape[dim] for o in eqn.outvars)
+    p = reindex.plan(ins, outs, segments, n)
+    if args is None:
+        return reindex.transforms(p, dim, axes, ctx.axis_sizes, ctx.in_shapes[0], what)
+    return reindex.apply(args, dim, axes, ctx.axis_sizes, p)
+
+
+def _concat_segments(eqn):
+    return reindex.concat_segments([v.shape[eqn.params["dimension"]] for v in eqn.invars])
+
+
+def _lower_concatenate(eqn, ctx, args):
+    outs = _crossing(eqn, eqn.params["dimension"], _concat_segments(eqn), ctx, list(args), "")
+    return outs if outs is not None else [eqn.prim.bind(*args, **eqn.params)]
+
+
+def _concatenate_internal(eqn, ctx):
+    return [(0, t, r) for t, r in _crossing(eqn, eqn.params["dimension"], _concat_segments(eqn), ctx,
+                                            None, "concatenate") or []]
+
+
+@register(lax.concatenate_p, partial=PartialMode.SAME_SUM, lower=_lower_concatenate,
+          internal=_concatenate_internal, priced=True)
 def concatenate_factors(eqn):
-    return _moved_dims_factors(eqn, {eqn.params["dimension"]}, len(eqn.invars))
+    dim = eqn.params["dimension"]
+    return _moved_dims_factors(eqn, {dim}, len(eqn.invars), {dim})
 
 
 def _sliced_dims(eqn):
@@ -165,22 +210,70 @@ def _sliced_dims(eqn):
             if p["start_indices"][d] != 0 or p["limit_indices"][d] != shape[d] or strides[d] != 1}
 
 
-def _localize_slice(eqn, ctx):
-    p = dict(eqn.params)
-    sliced = _sliced_dims(eqn)
-    p["limit_indices"] = tuple(lim if d in sliced else ctx.in_shapes[0][d]
-                               for d, lim in enumerate(p["limit_indices"]))
-    return p
+def _unit_stride_dims(eqn):
+    strides = eqn.params["strides"] or (1,) * len(eqn.invars[0].shape)
+    return {d for d in _sliced_dims(eqn) if strides[d] == 1}
 
 
-@_structural(lax.slice_p, localize=_localize_slice)
+def _slice_steps(eqn, ctx):
+    """The local slice (split dims kept whole) and the split sliced dims, re-indexed after."""
+    p = eqn.params
+    crossing = [d for d in sorted(_unit_stride_dims(eqn)) if ctx.in_layouts[0].dims[d]]
+    start = tuple(0 if d in crossing else s for d, s in enumerate(p["start_indices"]))
+    limit = tuple(ctx.in_shapes[0][d] if d in crossing or d not in _sliced_dims(eqn) else lim
+                  for d, lim in enumerate(p["limit_indices"]))
+    return start, limit, crossing
+
+
+def _slice_plans(eqn, ctx, start, limit, crossing):
+    strides = eqn.params["strides"] or (1,) * len(start)
+    shape = [-(-(lim - s) // st) for s, lim, st in zip(start, limit, strides)]
+    for d in crossing:
+        axes = ctx.in_layouts[0].dims[d]
+        n = math.prod(ctx.axis_sizes[a] for a in axes)
+        a, b = eqn.params["start_indices"][d], eqn.params["limit_indices"][d]
+        p = reindex.plan((eqn.invars[0].shape[d],), (b - a,), reindex.slice_segments(a, b), n)
+        yield d, axes, p, tuple(shape)
+        shape[d] = (b - a) // n
+
+
+def _lower_slice(eqn, ctx, args):
+    start, limit, crossing = _slice_steps(eqn, ctx)
+    x = lax.slice(args[0], start, limit, eqn.params["strides"])
+    for d, axes, p, _ in _slice_plans(eqn, ctx, start, limit, crossing):
+        (x,) = reindex.apply([x], d, axes, ctx.axis_sizes, p)
+    return [x]
+
+
+def _slice_internal(eqn, ctx):
+    start, limit, crossing = _slice_steps(eqn, ctx)
+    return [(0, t, r) for d, axes, p, shape in _slice_plans(eqn, ctx, start, limit, crossing)
+            for t, r in reindex.transforms(p, d, axes, ctx.axis_sizes, shape, "slice")]
+
+
+@_structural(lax.slice_p, lower=_lower_slice, internal=_slice_internal, priced=True)
 def slice_factors(eqn):
-    return _moved_dims_factors(eqn, _sliced_dims(eqn), 1)
+    return _moved_dims_factors(eqn, _sliced_dims(eqn), 1, _unit_stride_dims(eqn))
 
 
-@_structural(lax.split_p)
+def _split_segments(eqn):
+    return reindex.split_segments(eqn.params["sizes"])
+
+
+def _lower_split(eqn, ctx, args):
+    outs = _crossing(eqn, eqn.params["axis"], _split_segments(eqn), ctx, list(args), "")
+    return outs if outs is not None else eqn.prim.bind(*args, **eqn.params)
+
+
+def _split_internal(eqn, ctx):
+    return [(0, t, r) for t, r in _crossing(eqn, eqn.params["axis"], _split_segments(eqn), ctx,
+                                            None, "split") or []]
+
+
+@_structural(lax.split_p, lower=_lower_split, internal=_split_internal, priced=True)
 def split_factors(eqn):
-    return _moved_dims_factors(eqn, {eqn.params["axis"]}, 1)
+    axis = eqn.params["axis"]
+    return _moved_dims_factors(eqn, {axis}, 1, {axis})
 
 
 # -- dynamic_slice / dynamic_update_slice -------------------------------------------------

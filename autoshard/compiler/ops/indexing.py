@@ -10,7 +10,9 @@ A table indexed along one dim (an embedding lookup) may be split along it: ``v``
 ``sum`` factor, like a contracting dim. Each device looks up the ids that fall in its block of
 rows and writes zeros for the others, so the result is ``P(sum)`` (Megatron's
 vocabulary-parallel embedding); out-of-range ids keep the single-device behaviour of the
-gather's mode. Other indexed dims stay unsplit (``replicate``).
+gather's mode. Other indexed dims stay unsplit (``replicate``). The same holds with batching
+dims: ``take_along_axis(logits[B,T,V], labels[B,T,1], -1)`` (a cross-entropy's label lookup)
+keeps ``logits`` vocab-split and gives a ``P(sum)`` result rather than gathering whole logits.
 
 The embedding gradient, ``scatter-add`` of ``updates[B,T,D]`` into ``zeros[V,D]``, makes the
 update batch dims ``sum`` factors: with the batch split each device scatters its own rows,
@@ -30,9 +32,12 @@ from .. import collectives
 from ..kinds import FactorKind, PartialMode
 
 
-def _one_indexed_dim(dims_of_index, collapsed_or_inserted, operand_batching, index_shape):
-    """The operand dim a single-id lookup indexes, or None if the op is not of that form."""
-    if len(dims_of_index) != 1 or operand_batching or index_shape[-1] != 1:
+def _one_indexed_dim(dims_of_index, collapsed_or_inserted, index_shape):
+    """The operand dim a single-id lookup indexes, or None if the op is not of that form.
+    Batching dims (``take_along_axis``: ``logits[B,T,V]`` at ``labels[B,T,1]``) pair an operand
+    dim with an ids dim; each stays a ``pass`` factor, so the lookup is a per-row embedding
+    lookup and the indexed dim may be split the same way."""
+    if len(dims_of_index) != 1 or index_shape[-1] != 1:
         return None
     d = dims_of_index[0]
     return d if d in collapsed_or_inserted else None
@@ -91,8 +96,7 @@ def gather_factors(eqn):
 
 def _gather_vocab_dim(eqn):
     dn = eqn.params["dimension_numbers"]
-    d = _one_indexed_dim(dn.start_index_map, dn.collapsed_slice_dims, dn.operand_batching_dims,
-                         eqn.invars[1].shape)
+    d = _one_indexed_dim(dn.start_index_map, dn.collapsed_slice_dims, eqn.invars[1].shape)
     return d if d is not None and eqn.params["slice_sizes"][d] == 1 else None
 
 
@@ -179,8 +183,7 @@ def _scatter_factors(eqn, reduction_kind):
 
 def _scatter_vocab_dim(eqn):
     dn = eqn.params["dimension_numbers"]
-    return _one_indexed_dim(dn.scatter_dims_to_operand_dims, dn.inserted_window_dims,
-                            dn.operand_batching_dims, eqn.invars[1].shape)
+    return _one_indexed_dim(dn.scatter_dims_to_operand_dims, dn.inserted_window_dims, eqn.invars[1].shape)
 
 
 def _lower_scatter_add(eqn, ctx, args):

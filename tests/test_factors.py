@@ -209,3 +209,49 @@ def test_clear_caches_empties_every_memo():
     assert not factors._CHOICES
     assert factors._project_back.cache_info().currsize == 0
     assert factors._result_partial.cache_info().currsize == 0
+
+
+def split_rule(n=4, s=32, b=8):
+    """``split`` of ``[b, n, s]`` along dim 1 (the IR's spelling of an equal split of ``[b, n*s]``):
+    factors 0=b, 1=n of the operand (replicate), 2=s; each part is ``[b, 1, s]``."""
+    fb = FactorBuilder()
+    fb_, fn, fs = fb.new(b), fb.new(n, REPLICATE), fb.new(s)
+    parts = [[fb_, fb.new(1, REPLICATE), fs] for _ in range(n)]
+    return fb.build([[fb_, fn, fs]], parts)
+
+
+def test_an_axis_on_a_replicate_factor_moves_to_the_nearest_unsplit_pass_factor():
+    rule = split_rule()
+    sizes = {"data": 2, "model": 4}
+    extra = ((),) * (len(rule.sizes) - 3)
+    moved = factors.relocated((("data",), ("model",), ()) + extra, rule, sizes)
+    # b already carries data: the axis goes to s, not onto the batch.
+    assert moved[0][:3] == (("data",), (), ("model",))
+    assert all(m[0] == ("data",) for m in moved)
+
+
+def test_chooser_prefers_the_all_to_all_over_gathering_the_parts():
+    """Operand split over model on the part dim: moving the axis to s (one all-to-all) costs
+    an eighth of the all-gather's bytes and splits the work, so the cost model takes it."""
+    rule = split_rule()
+    sizes = {"data": 2, "model": 4}
+    x = Tensor(rule.operands[0], (8, 4, 32), 4, L(("data",), ("model",), ()))
+    parts = [Tensor(d, (8, 1, 32), 4, None, is_result=True) for d in rule.results]
+    clear_caches()
+    choice = choose(rule, [x, *parts], sizes, {"model": LinkModel(), "data": LinkModel()})
+    assert choice.assignment[:3] == (("data",), (), ("model",))
+
+
+def test_a_compound_dim_split_only_on_its_minor_factor_is_repaired():
+    """``[b, n, s] -> [b, n*s]`` with s split over model: the result cannot carry it (the
+    major n is unsplit); the variants move model to n where it divides, else drop it."""
+    fb = FactorBuilder()
+    fb_, fn, fs = fb.new(8), fb.new(4), fb.new(32)
+    rule = fb.build([[fb_, fn, fs]], [[fb_, fn + fs]])
+    sizes = {"model": 4}
+    assert project_back(((), (), ("model",)), rule.results[0], rule.sizes, sizes) is None
+    assert factors.relocated(((), (), ("model",)), rule, sizes) == [((), ("model",), ()), ((), (), ())]
+    fb = FactorBuilder()
+    fb_, fn, fs = fb.new(8), fb.new(3), fb.new(32)       # 3 parts over 4 devices: dropped only
+    rule = fb.build([[fb_, fn, fs]], [[fb_, fn + fs]])
+    assert factors.relocated(((), (), ("model",)), rule, sizes) == [((), (), ())]

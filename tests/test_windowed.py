@@ -324,7 +324,7 @@ PADS = {
     "lo_hi": [(0, 0, 0), (1, 2, 0), (0, 0, 0), (0, 0, 0)],
     "negative": [(0, 0, 0), (-1, 3, 0), (2, -1, 0), (0, 0, 0)],
     "interior": [(0, 0, 0), (0, 1, 1), (0, 0, 0), (0, 0, 0)],       # 16 -> 32: every block alike
-    "interior_crop": [(0, 0, 0), (-2, 3, 2), (0, 0, 0), (0, 0, 0)],  # 16 -> 49: replicated
+    "interior_crop": [(0, 0, 0), (-2, 3, 2), (0, 0, 0), (0, 0, 0)],  # 16 -> 49: not on this dim
 }
 
 
@@ -335,7 +335,9 @@ def test_pad_split_dims(name):
     if name == "interior":
         assert not hlo                  # output 32 rows: each device pads its own rows
     if name == "interior_crop":
-        assert [c.kind for c in hlo] == ["all-gather"]
+        # The padded dim cannot stay split: the axis moves to another dim (one all-to-all, the
+        # pad's work and result stay split) rather than the whole operand being gathered.
+        assert [c.kind for c in hlo] == ["all-to-all"]
 
 
 def test_pad_gradient_and_batch_split():

@@ -203,6 +203,7 @@ def candidate_assignments(rule, tensors, axis_sizes, reserved=()) -> list[Assign
         taken = {a for ax in p.values() for a in ax}
         raw.append(tuple(p.get(f, merged[f] if not taken & set(merged[f]) else ()) for f in range(n)))
     raw.append(((),) * n)
+    raw += [v for r in raw for v in relocated(r, rule, axis_sizes)]
     out, seen = [], set()
     for r in raw:
         for v in legalize(r, rule, axis_sizes, set(reserved)):
@@ -210,6 +211,58 @@ def candidate_assignments(rule, tensors, axis_sizes, reserved=()) -> list[Assign
                 seen.add(v)
                 out.append(v)
     return out
+
+
+def relocated(assignment, rule, axis_sizes) -> list[Assignment]:
+    """Variants of ``assignment`` that move the axes of a ``replicate`` factor onto another
+    unsplit ``pass`` factor of a tensor holding both, where they divide it. Dropping them gathers the
+    tensor whole and repeats the op's work on every device; moving them is one all-to-all
+    (an eighth of the all-gather's bytes on 8 devices), and the work and the memory its values
+    hold stay split. The cost model prices both."""
+    kinds, sizes = rule.kinds, rule.sizes
+    out = []
+    for f, axes in enumerate(assignment):
+        if kinds[f] != FactorKind.REPLICATE or not axes:
+            continue
+        # Nearest first (ties: the minor side): the choice is by cost, and
+        # among equal costs the first wins; a nearby dim keeps the other dims' splits as they are.
+        targets = {}
+        for dims in (*rule.operands, *rule.results):
+            home = [i for i, d in enumerate(dims) if f in d]
+            if not home:
+                continue
+            for i, d in enumerate(dims):
+                for g in d:
+                    if kinds[g] == FactorKind.PASS and not assignment[g]:
+                        rank = (abs(i - home[0]), i < home[0])
+                        targets[g] = min(targets.get(g, rank), rank)
+        for g in sorted(targets, key=lambda g: (targets[g], g)):
+            if sizes[g] % math.prod(axis_sizes[a] for a in axes) == 0:
+                out.append(_moved(assignment, f, g))
+    # A dim of several factors split only on a minor one is not expressible (the reshape of
+    # a [n, s] pair back into one dim): the more major factor takes the axes instead where
+    # they divide it, else the minor factor drops them (gathered, as before the split).
+    for dims in (*rule.operands, *rule.results):
+        for fids in dims:
+            for i, f in enumerate(fids[:-1]):
+                if math.prod(axis_sizes[a] for a in assignment[f]) == sizes[f]:
+                    continue
+                for g in fids[i + 1:]:
+                    axes = assignment[g]
+                    if not axes:
+                        continue
+                    if (kinds[f] == FactorKind.PASS
+                            and sizes[f] % math.prod(axis_sizes[a] for a in assignment[f] + axes) == 0):
+                        out.append(_moved(assignment, g, f))
+                    out.append(tuple(() if h == g else a for h, a in enumerate(assignment)))
+                break
+    return out
+
+
+def _moved(assignment, f, g) -> Assignment:
+    v = list(assignment)
+    v[f], v[g] = (), tuple(v[g]) + tuple(v[f])
+    return tuple(v)
 
 
 def required_layout(t: Tensor, assignment, rule, axis_sizes, result_partial) -> Layout | None:

@@ -10,7 +10,9 @@ A table indexed along one dim (an embedding lookup) may be split along it: ``v``
 ``sum`` factor, like a contracting dim. Each device looks up the ids that fall in its block of
 rows and writes zeros for the others, so the result is ``P(sum)`` (Megatron's
 vocabulary-parallel embedding); out-of-range ids keep the single-device behaviour of the
-gather's mode. Other indexed dims stay unsplit (``replicate``).
+gather's mode. Other indexed dims stay unsplit (``replicate``). The same holds with batching
+dims: ``take_along_axis(logits[B,T,V], labels[B,T,1], -1)`` (a cross-entropy's label lookup)
+keeps ``logits`` vocab-split and gives a ``P(sum)`` result rather than gathering whole logits.
 
 The embedding gradient, ``scatter-add`` of ``updates[B,T,D]`` into ``zeros[V,D]``, makes the
 update batch dims ``sum`` factors: with the batch split each device scatters its own rows,
@@ -30,12 +32,15 @@ from .. import collectives
 from ..kinds import FactorKind, PartialMode
 
 
-def _one_indexed_dim(dims_of_index, collapsed_or_inserted, operand_batching, index_shape):
-    """The operand dim a single-id lookup indexes, or None if the op is not of that form."""
-    if len(dims_of_index) != 1 or operand_batching or index_shape[-1] != 1:
+def _one_indexed_dim(dims_of_index, index_shape):
+    """The operand dim a single-id lookup indexes, or None if the op is not of that form.
+    Batching dims (``take_along_axis``: ``logits[B,T,V]`` at ``labels[B,T,1]``) pair an operand
+    dim with an ids dim; each stays a ``pass`` factor, so the lookup is a per-row embedding
+    lookup and the indexed dim may be split the same way. The callers check that one row is
+    taken (a collapsed dim, or a window of one kept as a size-1 dim)."""
+    if len(dims_of_index) != 1 or index_shape[-1] != 1:
         return None
-    d = dims_of_index[0]
-    return d if d in collapsed_or_inserted else None
+    return dims_of_index[0]
 
 
 def _block_offset(layout, dim, local, axis_sizes):
@@ -76,14 +81,17 @@ def gather_factors(eqn):
             op_dims[dn.operand_batching_dims[list(dn.start_indices_batching_dims).index(d)]] = f
     window = [d for d in range(len(op_shape))
               if d not in dn.collapsed_slice_dims and d not in dn.operand_batching_dims]
+    vocab = _gather_vocab_dim(eqn)
     for k, d in enumerate(window):
         rd = dn.offset_dims[k]
-        if slice_sizes[d] == op_shape[d] and d not in dn.start_index_map:
+        if d == vocab:          # a window of one row, kept as a size-1 dim of the result
+            op_dims[d] = fb.new(op_shape[d], FactorKind.SUM)
+            res_dims[rd] = fb.new(res_shape[rd], FactorKind.REPLICATE)
+        elif slice_sizes[d] == op_shape[d] and d not in dn.start_index_map:
             op_dims[d] = res_dims[rd] = fb.new(op_shape[d])
         else:
             op_dims[d] = fb.new(op_shape[d], FactorKind.REPLICATE)
             res_dims[rd] = fb.new(res_shape[rd], FactorKind.REPLICATE)
-    vocab = _gather_vocab_dim(eqn)
     op_dims = [fb.new(s, FactorKind.SUM if d == vocab else FactorKind.REPLICATE) if f is None else f
                for d, (f, s) in enumerate(zip(op_dims, op_shape))]
     return fb.build([op_dims, idx_dims], [res_dims])
@@ -91,8 +99,7 @@ def gather_factors(eqn):
 
 def _gather_vocab_dim(eqn):
     dn = eqn.params["dimension_numbers"]
-    d = _one_indexed_dim(dn.start_index_map, dn.collapsed_slice_dims, dn.operand_batching_dims,
-                         eqn.invars[1].shape)
+    d = _one_indexed_dim(dn.start_index_map, eqn.invars[1].shape)
     return d if d is not None and eqn.params["slice_sizes"][d] == 1 else None
 
 
@@ -155,9 +162,13 @@ def _scatter_factors(eqn, reduction_kind):
     upd_dims: list = [None] * len(upd_shape)
     window = [d for d in range(len(op_shape))
               if d not in dn.inserted_window_dims and d not in dn.operand_batching_dims]
+    vocab = _scatter_vocab_dim(eqn) if reduction_kind == FactorKind.SUM else None
     for k, d in enumerate(window):
         ud = dn.update_window_dims[k]
-        if upd_shape[ud] == op_shape[d] and d not in dn.scatter_dims_to_operand_dims:
+        if d == vocab:          # a window of one row: each device adds the ids in its rows
+            op_dims[d] = fb.new(op_shape[d], FactorKind.PASS)
+            upd_dims[ud] = fb.new(upd_shape[ud], FactorKind.REPLICATE)
+        elif upd_shape[ud] == op_shape[d] and d not in dn.scatter_dims_to_operand_dims:
             op_dims[d] = upd_dims[ud] = fb.new(op_shape[d])
         else:
             op_dims[d] = fb.new(op_shape[d], FactorKind.REPLICATE)
@@ -170,7 +181,6 @@ def _scatter_factors(eqn, reduction_kind):
             op_dims[od] = upd_dims[ud] = idx_dims[idx_d] = fb.new(upd_shape[ud])
         else:
             upd_dims[ud] = idx_dims[idx_d] = fb.new(upd_shape[ud], reduction_kind)
-    vocab = _scatter_vocab_dim(eqn) if reduction_kind == FactorKind.SUM else None
     op_dims = [fb.new(s, FactorKind.PASS if d == vocab else FactorKind.REPLICATE) if f is None else f
                for d, (f, s) in enumerate(zip(op_dims, op_shape))]
     accumulators = (0,) if reduction_kind != FactorKind.REPLICATE else ()
@@ -179,8 +189,13 @@ def _scatter_factors(eqn, reduction_kind):
 
 def _scatter_vocab_dim(eqn):
     dn = eqn.params["dimension_numbers"]
-    return _one_indexed_dim(dn.scatter_dims_to_operand_dims, dn.inserted_window_dims,
-                            dn.operand_batching_dims, eqn.invars[1].shape)
+    d = _one_indexed_dim(dn.scatter_dims_to_operand_dims, eqn.invars[1].shape)
+    if d is None or d in dn.inserted_window_dims:
+        return d
+    window = [e for e in range(len(eqn.invars[0].shape))
+              if e not in dn.inserted_window_dims and e not in dn.operand_batching_dims]
+    one = d in window and eqn.invars[2].shape[dn.update_window_dims[window.index(d)]] == 1
+    return d if one else None
 
 
 def _lower_scatter_add(eqn, ctx, args):

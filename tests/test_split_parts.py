@@ -1,13 +1,14 @@
 """Issue #15: a fused column-parallel projection split into equal parts (an LSTM's four gates,
-a fused qkv) keeps every part split over the model axis: one all-to-all moves the axis from
-the part dim to the parts' own dim, instead of an all-gather of the whole projection and
-every part computed (and held for the backward pass) on every device."""
+a fused qkv) keeps every part split over the model axis: the rows that cross device blocks move
+by collective-permutes (compiler/reindex.py), instead of an all-gather of the whole projection
+and every part computed (and held for the backward pass) on every device."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import autoshard as ash
+from autoshard.benchmark.measure import _compiled_numbers
 from _util import assert_report_matches_hlo, assert_tree_close, count
 
 RNG = np.random.default_rng(0)
@@ -43,7 +44,7 @@ def test_equal_split_of_a_column_parallel_projection_stays_split():
     assert_tree_close(pf(*args), step(*args), rtol=1e-5, atol=1e-5)
     report, hlo = assert_report_matches_hlo(pf, *args)
     assert count(hlo, "all-gather") == 0, "the gates are never gathered whole"
-    assert count(hlo, "all-to-all", ("model",)) == 2, "one all-to-all forward, one for the gradient"
+    assert count(hlo, "collective-permute", ("model",)) > 0, "the crossing rows move by permutes"
     gates = [r for r in report.equations if r.op == "split"][0]
     assert all("S(" in res.split(",", 2)[-1] for res in gates.results), gates.results
     # Memory and work as jax.jit's own propagation with the same annotations.
@@ -53,6 +54,8 @@ def test_equal_split_of_a_column_parallel_projection_stays_split():
     ours = pf.lower(*args).compile()
     assert _memory(ours) <= 1.02 * _memory(theirs), (_memory(ours), _memory(theirs))
     assert ours.cost_analysis()["flops"] <= theirs.cost_analysis()["flops"]
+    ours_n, theirs_n = (_compiled_numbers(c, mesh, 0.0, None, repeats=0) for c in (ours, theirs))
+    assert ours_n.wire_bytes <= theirs_n.wire_bytes, (ours_n.wire_bytes, theirs_n.wire_bytes)
 
 
 def test_parts_that_do_not_divide_the_axis_are_gathered_as_before():

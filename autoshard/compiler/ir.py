@@ -197,15 +197,6 @@ class _Builder:
                 # XLA removes it too, and one value gets one set of reshards, not two.
                 env[eqn.outvars[0]] = ins[0]
                 continue
-            parts = _equal_parts_jaxpr(eqn)
-            if parts is not None:
-                first = len(self.eqns)
-                outs = self.inline(*parts, ins, source)
-                for e in self.eqns[first:]:
-                    e.source = source
-                for var, o in zip(eqn.outvars, outs):
-                    env[var] = o
-                continue
             outs = [self.new(v.aval) for v in eqn.outvars]
             for var, o in zip(eqn.outvars, outs):
                 env[var] = o
@@ -227,44 +218,6 @@ class _Builder:
         graph = Graph(invars, outvars, self.eqns)
         self.eqns = outer_eqns
         return graph
-
-
-def _equal_parts_jaxpr(eqn):
-    """``split`` of dim ``d`` into ``n`` equal parts of ``s`` (and ``concatenate`` of ``n``
-    equal parts, its transpose), spelt with a ``reshape`` of ``d`` into ``[n, s]`` and the
-    split (concatenation) on the new ``n`` dim; None for any other equation. A layout cannot
-    split only the minor ``s`` of one dim, so there the part dim blocks the split: an operand
-    split along ``d`` (a fused column-parallel projection) would be gathered whole and every
-    part computed replicated. On two dims the axis moves from ``n`` to ``s`` by one
-    all-to-all and every part stays split, as XLA's own propagation keeps them."""
-    name = eqn.primitive.name
-    if name == "split":
-        sizes, d = eqn.params["sizes"], eqn.params["axis"]
-        x = eqn.invars[0].aval
-    elif name == "concatenate":
-        x, d = eqn.invars[0].aval, eqn.params["dimension"]
-        sizes = [v.aval.shape[d] for v in eqn.invars]
-        if any(v.aval.shape != x.shape or v.aval.dtype != x.dtype for v in eqn.invars):
-            return None
-    else:
-        return None
-    n, s = len(sizes), sizes[0]
-    if n < 2 or s < 2 or len(set(sizes)) != 1:
-        return None
-    part = tuple(x.shape[:d]) + (s,) + tuple(x.shape[d + 1:])
-    whole = tuple(x.shape[:d]) + (n * s,) + tuple(x.shape[d + 1:])
-    stacked = tuple(x.shape[:d]) + (n, s) + tuple(x.shape[d + 1:])
-    lax = jax.lax
-    if name == "split":
-        def fn(v):
-            return [lax.reshape(p, part) for p in lax.split(lax.reshape(v, stacked), (1,) * n, axis=d)]
-        avals = [jax.ShapeDtypeStruct(whole, x.dtype)]
-    else:
-        def fn(*vs):
-            one = part[:d] + (1,) + part[d:]
-            return lax.reshape(lax.concatenate([lax.reshape(v, one) for v in vs], d), whole)
-        avals = [jax.ShapeDtypeStruct(part, x.dtype)] * n
-    return compat.jaxpr_and_consts(jax.make_jaxpr(fn)(*avals))
 
 
 def from_closed_jaxpr(closed) -> Graph:

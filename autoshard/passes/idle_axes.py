@@ -144,16 +144,18 @@ def seed(program, compute_rate=DEFAULT_POINTS_PER_SECOND):
     rules = {eqn.index: get_rule(eqn).factors(eqn) for eqn in program.graph.eqns}
     batch, batch_classes, classes, grads = find_batch(program, rules)
     if not batch:
-        program.idle_decision = (f"mesh axes {idle} are idle (no annotation uses them) but no batch "
-                              "was recognised (no parameter-gradient contraction): they stay unused")
+        program.idle_decision = (f"mesh axes {idle} are idle (no annotation uses them) but no batch was "
+                                 "recognised (no contraction sums a split input's dim into the gradient "
+                                 "of a split parameter the function returns updated): they stay unused")
         return program
     n_idle = math.prod(sizes[a] for a in idle)
+    paths = dict(zip(program.graph.invars, program.in_paths))
     for v, d in batch.items():
         lay = program.layouts[v]
         n = math.prod(sizes[a] for a in lay.dims[d]) * n_idle
         if v.shape[d] % n:
-            program.idle_decision = (f"idle mesh axes {idle} not used for the batch: dim {d} of an "
-                                  f"input of shape {v.shape} does not divide by {n}")
+            program.idle_decision = (f"idle mesh axes {idle} not used for the batch: dim {d} of "
+                                     f"{paths[v]} (shape {v.shape}) does not divide by {n}")
             return program
     # Compute saved: every top-level equation carrying a batch dim runs on 1/n_idle of it.
     points = 0.0
@@ -167,20 +169,22 @@ def seed(program, compute_rate=DEFAULT_POINTS_PER_SECOND):
     n_data = math.prod(sizes[a] for a in data_axes) if data_axes else 1
     saved = points / n_data * (1 - 1 / n_idle) / compute_rate
     link = group_link(links, idle)
+    params = list({p: None for _, p in grads})
     extra = sum(collective_time("all-reduce", n_idle, math.prod(p.shape) * p.dtype.itemsize / n_data, link,
                                 LATENCY_WEIGHT_IN_CHOICES)
-                for _, p in grads)
+                for p in params)
     for o in program.graph.outvars:
         if not o.is_const and any(classes.find((o, d)) in batch_classes for d in range(len(o.shape))):
             extra += collective_time("all-gather", n_idle, math.prod(o.shape) * o.dtype.itemsize / n_data, link,
                                      LATENCY_WEIGHT_IN_CHOICES)
     if saved <= extra:
         program.idle_decision = (f"idle mesh axes {idle} not used for the batch: the compute saved "
-                              f"({saved:.3g} s) does not pay for the gradient reductions ({extra:.3g} s)")
+                                 f"({saved:.3g} s) does not pay for the gradient reductions ({extra:.3g} s)")
         return program
     why = (f"mesh axes {idle} are idle (no annotation uses them): the batch (the dim the parameter gradients "
-           f"sum over) is split over them too, data parallel (saves {saved:.3g} s of compute per step "
-           f"for {extra:.3g} s of gradient all-reduce)")
+           f"sum over: {', '.join(f'{paths[v]} dim {d}' for v, d in batch.items())}) is split over them too, "
+           f"data parallel, and the gradients of {len(params)} parameters are all-reduced over them "
+           f"(saves {saved:.3g} s of compute per step for {extra:.3g} s of gradient all-reduce)")
     for v, d in batch.items():
         lay = program.layouts[v]
         dims = list(lay.dims)

@@ -31,37 +31,18 @@ as every layout choice is: by bytes, latency only a tie-breaker
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 
 from ..compiler.cost_model import DEFAULT_POINTS_PER_SECOND, assignment_points, collective_time, group_link
 from ..compiler.kinds import FactorKind
 from ..compiler.layout import Layout
+from ..compiler.microbatch import UnionFind
 from ..compiler.ops import get_rule
 from ..compiler.planner import LATENCY_WEIGHT_IN_CHOICES
 from ..compiler.program import Provenance
 
 name = "idle_axes"
 restore_name = "idle_axes_restore"
-
-
-class _Classes:
-    """Union-find over (value, dim)."""
-
-    def __init__(self):
-        self.parent: dict = {}
-
-    def find(self, x):
-        self.parent.setdefault(x, x)
-        while self.parent[x] != x:
-            self.parent[x] = self.parent[self.parent[x]]
-            x = self.parent[x]
-        return x
-
-    def union(self, a, b):
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[ra] = rb
 
 
 def _annotated_axes(program) -> set:
@@ -80,7 +61,7 @@ def find_batch(program, rules):
     """(batch inputs as {value: split dim}, summed batch classes, parameter gradient results)
     by the rule of the module docstring; ``rules``: FactorRule per top-level equation."""
     graph = program.graph
-    classes = _Classes()
+    classes = UnionFind()
     for eqn in graph.eqns:
         fr = rules[eqn.index]
         tensors = list(zip(eqn.invars, fr.operands)) + list(zip(eqn.outvars, fr.results))
@@ -197,11 +178,11 @@ def seed(program, compute_rate=DEFAULT_POINTS_PER_SECOND):
 
 
 def restore(program):
-    """After propagation: the batch inputs enter in their annotated layouts again; each value
-    propagated from them keeps the idle axes, so the first consumer slices locally."""
+    """After propagation: the batch inputs enter in their annotated layouts (and provenance)
+    again; each value propagated from them keeps the idle axes, so the first consumer slices
+    locally. ``report.idle_axes`` and ``report.explain`` of a batch input give the reason."""
     for v, (lay, prov) in program.idle_batch.items():
         program.layouts[v] = lay
         if prov is not None:
-            program.provenance[v] = dataclasses.replace(
-                prov, detail=f"{prov.detail}; in the program also split over idle axes: {program.idle_decision}")
+            program.provenance[v] = prov
     return program

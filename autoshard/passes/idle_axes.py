@@ -17,10 +17,14 @@ op keeps split alike: elementwise operands, the batch dims of a matmul, a layer'
 *parameter gradient* is a contraction (a ``dot_general`` or reduction with a ``sum`` factor)
 whose result's dims are, up to a transpose, in the classes of a *parameter*'s dims: an
 annotated input the function returns updated (an output in its dims' classes; ``W - lr * dW``
-joins them). The factor it sums over is the batch; the batch
-inputs are the annotated inputs whose split dim lies in a summed class that holds no
-parameter dim. Nothing is done without such a contraction (an inference function), or when
-a batch input's split dim does not divide by its axes times the idle axes.
+joins them). The factor it sums over is the batch; the batch inputs are the annotated inputs
+whose split dim lies in a summed class that holds no parameter dim. A dim made of several
+factors (a reshape's ``[b*s]``) joins the class of its major factor, where a split lands.
+Nothing is done without such a contraction (an inference function), when a batch input's
+split dim does not divide by its axes times the idle axes, under ``auto=True`` (the search
+places every axis itself) or in a pipelined program. Data parallelism with replicated
+parameters (``dp``) and a replicated batch (``tp``) have no split parameter or no split batch
+input, so their plans do not change.
 
 *The decision* (cost model): compute saved, ``(1 - 1/n_idle)`` of the points of every
 equation that carries a batch dim, at ``compute_rate`` points per second, against the
@@ -58,8 +62,10 @@ def _annotated_axes(program) -> set:
 
 
 def find_batch(program, rules):
-    """(batch inputs as {value: split dim}, summed batch classes, parameter gradient results)
-    by the rule of the module docstring; ``rules``: FactorRule per top-level equation."""
+    """``(batch, batch_classes, classes, grads)`` by the rule of the module docstring: the
+    batch inputs as {value: split dim}, the batch's dim classes, the union-find of
+    ``(value, dim)`` classes, and ``(equation, parameter)`` per parameter-gradient contraction;
+    ``rules``: the FactorRule per top-level equation."""
     graph = program.graph
     classes = UnionFind()
     for eqn in graph.eqns:

@@ -24,9 +24,13 @@ bytes of one layer's activation ``[B/n_d, T, D]`` (``[B/n_d, D]`` for the MLP) a
 layers:
 
 * ``dp``:     ``2 (n_d-1)/n_d (N + s)``: one all-reduce of every gradient and of the loss;
-* ``fsdp``:   ``2 (n_d-1)/n_d (N + s)``: all-gather every parameter once ((n_d-1)/n_d N,
-  kept for the backward pass inside one step) and reduce-scatter its gradient
-  ((n_d-1)/n_d N); parameters with no divisible dim are all-reduced (the same 2 (n_d-1)/n_d);
+* ``fsdp``:   ``2 (n_d-1)/n_d N + 2 (n_m-1)/n_m N/n_d + 2 (n_d n_m-1)/(n_d n_m) s``:
+  all-gather every parameter once ((n_d-1)/n_d N, kept for the backward pass inside one step)
+  and reduce-scatter its gradient ((n_d-1)/n_d N); parameters with no divisible dim are
+  all-reduced (the same 2 (n_d-1)/n_d). On a ``data x model`` mesh ``model`` is idle (no
+  annotation names it): the batch is split over it too (HSDP, ``passes/idle_axes.py``), so
+  each device's gradient shard ``N/n_d`` is all-reduced over ``model`` and the loss over both
+  axes; with no ``model`` axis (``n_m = 1``) this is ``2 (n_d-1)/n_d (N + s)``;
 * ``tp``:     ``2 (n_m-1)/n_m R A``: Megatron all-reduces ``R`` activations (the batch is not
   split, ``n_d`` is idle): GPT ``R = 4 L``, after attention and after the MLP and their input
   gradients; the MLP ``R = 2 L - 1``, as the first block's input gradient is not needed.

@@ -100,8 +100,12 @@ def analytic_min_bytes(model: str, cfg: Any, batch: int, strategy: str, mesh: di
     scalar = 4.0
     n_d, n_m = mesh.get("data", 1), mesh.get("model", 1)
     total = float(_nbytes(params))
-    if strategy in ("dp", "fsdp"):
+    if strategy == "dp":
         return wire_bytes("all-reduce", n_d, total + scalar)
+    if strategy == "fsdp":
+        # 'model', when the mesh has it, is idle: data parallel over it (passes/idle_axes.py).
+        return (wire_bytes("all-reduce", n_d, total) + wire_bytes("all-reduce", n_m, total / n_d)
+                + wire_bytes("all-reduce", n_d * n_m, scalar))
     if strategy == "pp" and model == "gpt":
         return pipeline_min_bytes(cfg, batch, mesh, params)
     if model not in ("gpt", "mlp") or strategy not in ("tp", "dp_tp", "sp"):

@@ -33,7 +33,9 @@ from .ops import get_rule, partial_passes
 SUM = "sum"
 
 
-class _UnionFind:
+class UnionFind:
+    """Union-find over hashable nodes (also the dim classes of passes/idle_axes.py)."""
+
     def __init__(self):
         self.parent: dict = {}
 
@@ -164,7 +166,7 @@ def analyse_scan(eqn, rules, carry0_dim: int) -> BatchAnalysis:
     p = eqn.params
     nc, nk = p["num_consts"], p["num_carry"]
     (body,) = eqn.subgraphs
-    uf = _UnionFind()
+    uf = UnionFind()
     _join(body, rules, uf)
     for k in range(nk):                          # a carry is the same value in every iteration
         vi, vo = body.invars[nc + k], body.outvars[k]

@@ -149,6 +149,10 @@ class ShardedProgram:
     auto_assignments: dict[int, tuple] = field(default_factory=dict)
     search: object = None
     search_compute_rate: float | None = None
+    # Batch inputs split over idle mesh axes while propagating (passes/idle_axes.py):
+    # value -> (annotated layout, its provenance); ``idle_decision``: why (or why not).
+    idle_batch: dict = field(default_factory=dict)
+    idle_decision: str = ""
 
     @property
     def axis_sizes(self) -> dict[str, int]:

@@ -132,6 +132,8 @@ def explain(ctx, collectives, name: str, lines: SourceLines) -> str:
     prov = p.provenance.get(v)
     if prov is not None and prov.kind != "propagated":
         out.append(f"  decided by {prov.kind}: {prov.detail}")
+    if v in p.idle_batch:
+        out.append(f"  inside the program also split over idle axes: {p.idle_decision}")
     for axis in p.layouts[v].split_axes:
         found = chain(p, v, axis)
         if not found or len(found) == 1:

@@ -360,6 +360,12 @@ class ShardingReport:
         return page
 
     @property
+    def idle_axes(self) -> str:
+        """Whether mesh axes no annotation names split the batch, and why (or why not);
+        empty when no axis is idle (``passes/idle_axes.py``, ``parallelize(idle_axes=...)``)."""
+        return self.program.idle_decision
+
+    @property
     def cost_model_source(self) -> str:
         """What priced the times and the auto search: an entry of ``compiler/hardware.py``'s
         table, an ``ash.calibrate`` measurement, or a fallback (``parallelize(costs=...)``)."""

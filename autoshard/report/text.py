@@ -33,6 +33,8 @@ def summary(report) -> str:
     for pipe in getattr(report, "pipeline", ()):
         text += f"\n{pipe}"
     text += f"\ncost model: {report.cost_model_source}"
+    if report.program.idle_decision:
+        text += f"\nidle axes: {report.program.idle_decision}"
     search = getattr(report.program, "search", None)
     if search is not None:
         text += (f"\nauto plan: MILP over {search.nodes} nodes ({search.equations} equations, "

@@ -121,8 +121,11 @@ class Compiled:
 class ParallelFunction:
     def __init__(self, fun, *, mesh, in_specs=None, out_specs=None, static_argnums=(),
                  donate_argnums=(), auto=False, memory_budget=None, search_time_limit=10.0, strict=False,
-                 costs=None, microbatches=None):
+                 costs=None, microbatches=None, idle_axes=True):
         self.fun = fun
+        # idle_axes=True: mesh axes no annotation names split the batch too where the cost
+        # model says it pays (passes/idle_axes.py); False keeps them unused.
+        self.idle_axes = bool(idle_axes)
         # strict=True: a primitive without a sharding rule is an error, not a replicated fallback.
         self.strict = bool(strict)
         self.microbatches = microbatches
@@ -150,7 +153,7 @@ class ParallelFunction:
         self._verified: set = set()        # cache keys whose signature all processes agreed on
         # Constant parts of the cache key: the mesh and every annotation.
         self._static_key = (mesh, _spec_key(in_specs), _spec_key(out_specs), self.static_argnums,
-                            self.donate_argnums, repr(self.auto))
+                            self.donate_argnums, repr(self.auto), self.idle_axes)
         self.__wrapped__ = fun
         self.__name__ = getattr(fun, "__name__", "parallel_function")
 
@@ -231,7 +234,8 @@ class ParallelFunction:
             out_specs, out_paths = flatten_specs(self.out_specs, out_avals, "out", "out_specs")
         trace_seconds = time.perf_counter() - t0
         program = pipeline.compile(graph, self.mesh_info, flat_specs, out_specs, flat_paths, out_paths,
-                                   auto=self.auto, microbatches=self.microbatches)
+                                   auto=self.auto, microbatches=self.microbatches,
+                                   idle={"compute_rate": self.costs.compute_rate} if self.idle_axes else None)
         program.pass_seconds["trace"] = trace_seconds
         for fb in program.fallbacks:
             warnings.warn(UnsupportedPrimitiveWarning(f"{self.__name__}: {fb}"), stacklevel=4)
@@ -421,7 +425,7 @@ def _where(sharding) -> str:
 
 def parallelize(fun=None, *, mesh, in_specs=None, out_specs=None, static_argnums=(),
                 donate_argnums=(), auto=False, memory_budget=None, search_time_limit=10.0,
-                strict=False, costs=None, microbatches=None):
+                strict=False, costs=None, microbatches=None, idle_axes=True):
     """Compile single-device ``fun`` to the mesh. Decorator or call form.
 
     ``auto=True`` chooses every layout the annotations leave open by a MILP over the factor
@@ -440,10 +444,16 @@ def parallelize(fun=None, *, mesh, in_specs=None, out_specs=None, static_argnums
 
     A mesh axis that splits the stacked dim of a ``lax.scan`` over layers makes that loop a
     GPipe pipeline over the axis; ``microbatches`` (default: the stage count) must divide the
-    per-device batch (``passes/stages.py``, ``report.pipeline``)."""
+    per-device batch (``passes/stages.py``, ``report.pipeline``).
+
+    ``idle_axes`` (default True): mesh axes that no annotation names also split the batch (data
+    parallelism over them: the batch inputs are sliced locally, the parameter gradients
+    all-reduced over them) where the cost model says the compute saved pays for the reduction
+    (``passes/idle_axes.py``, ``report.idle_axes``); False leaves them unused."""
     def wrap(f):
         return ParallelFunction(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
                                 static_argnums=static_argnums, donate_argnums=donate_argnums, auto=auto,
                                 memory_budget=memory_budget, search_time_limit=search_time_limit,
-                                strict=strict, costs=costs, microbatches=microbatches)
+                                strict=strict, costs=costs, microbatches=microbatches,
+                                idle_axes=idle_axes)
     return wrap if fun is None else wrap(fun)

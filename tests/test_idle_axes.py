@@ -1,0 +1,123 @@
+"""Issue #15 item 1: a mesh axis no annotation names (an *idle* axis) splits the batch too, as
+data parallelism over it (HSDP: fsdp over 'data', plain data parallel over 'model'); see
+``autoshard/passes/idle_axes.py``. Per device, autoshard's flops (``cost_analysis()``) must
+not exceed jax.jit's, its memory stay within 2% and its wire bytes not exceed jit's, with
+the same annotations as NamedShardings; results equal the one-device function's, outputs
+keep their annotated layouts, and the report's collectives equal the compiled HLO's."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import autoshard as ash
+from _util import assert_report_matches_hlo, assert_tree_close, mesh
+from autoshard.report.hlo import parse_collectives
+
+B, D, H = 128, 32, 64
+LR = 0.1
+
+
+def _loss(params, batch):
+    h = jnp.tanh(batch["x"] @ params["w1"] + params["b1"])
+    err = h @ params["w2"] - batch["y"]
+    return jnp.mean(err * err)
+
+
+def _step(params, batch):
+    loss, grads = jax.value_and_grad(_loss)(params, batch)
+    return loss, jax.tree.map(lambda p, g: p - LR * g, params, grads)
+
+
+def _args():
+    rng = np.random.default_rng(0)
+    params = {"w1": rng.normal(size=(D, H)).astype(np.float32) / np.sqrt(D),
+              "b1": np.zeros((H,), np.float32),
+              "w2": rng.normal(size=(H, D)).astype(np.float32) / np.sqrt(H)}
+    batch = {"x": rng.normal(size=(B, D)).astype(np.float32),
+             "y": rng.normal(size=(B, D)).astype(np.float32)}
+    return params, batch
+
+
+FSDP = ({"w1": P("data", None), "b1": P("data"), "w2": P("data", None)},
+        {"x": P("data", None), "y": P("data", None)})
+
+
+def _numbers(compiled, m):
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    mem = compiled.memory_analysis()
+    memory = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+              - mem.alias_size_in_bytes)
+    wire = sum(c.wire_bytes for c in parse_collectives(compiled.as_text(), m, strict=False))
+    return cost["flops"], memory, wire
+
+
+def test_fsdp_with_an_idle_axis_splits_the_batch_over_it():
+    m = mesh("data=2,model=4")
+    params, batch = _args()
+    out_specs = (P(), FSDP[0])
+    pf = ash.parallelize(_step, mesh=m, in_specs=FSDP, out_specs=out_specs)
+    got = pf(params, batch)
+    assert_tree_close(got, _step(params, batch), rtol=1e-5, atol=1e-6)
+    # Outputs keep their annotated layouts; the batch enters as annotated.
+    for leaf, spec in zip(jax.tree.leaves(got[1]), jax.tree.leaves(FSDP[0], is_leaf=lambda s: isinstance(s, P))):
+        assert leaf.sharding.is_equivalent_to(NamedSharding(m, spec), leaf.ndim)
+    assert [s.spec for s in jax.tree.leaves(pf.input_shardings(params, batch)[1])] == [P("data"), P("data")]
+    rep = pf.report(params, batch)
+    assert "('model',) are idle" in rep.idle_axes, rep.idle_axes
+    assert_report_matches_hlo(pf, params, batch)
+    # The gradients are reduce-scattered over data, then all-reduced over model on the shard.
+    model_reductions = [c for c in rep.collectives if c.kind == "all-reduce" and tuple(c.mesh_axes) == ("model",)]
+    assert len(model_reductions) == 3, [(c.kind, c.mesh_axes) for c in rep.collectives]
+
+    ours = _numbers(pf.lower(params, batch).compile(), m)
+    named = jax.tree.map(lambda s: NamedSharding(m, s), FSDP, is_leaf=lambda s: isinstance(s, P))
+    with jax.set_mesh(m):
+        jit = _numbers(jax.jit(_step, in_shardings=named).lower(params, batch).compile(), m)
+    assert ours[0] <= jit[0], f"flops per device: autoshard {ours[0]:,.0f}, jax.jit {jit[0]:,.0f}"
+    assert ours[1] <= 1.02 * jit[1], f"memory per device: autoshard {ours[1]:,} B, jax.jit {jit[1]:,} B"
+    assert ours[2] <= jit[2], f"wire bytes per device: autoshard {ours[2]:,.0f}, jax.jit {jit[2]:,.0f}"
+
+    # Turned off: the idle axis repeats the work (4x the matmul flops of the idle plan).
+    off = ash.parallelize(_step, mesh=m, in_specs=FSDP, out_specs=out_specs, idle_axes=False)
+    assert_tree_close(off(params, batch), got, rtol=1e-5, atol=1e-6)
+    assert off.report(params, batch).idle_axes == ""
+    assert _numbers(off.lower(params, batch).compile(), m)[0] > 2 * ours[0]
+
+
+def _plan(pf, *args):
+    rep = pf.report(*args)
+    return rep.layouts, [(c.kind, tuple(c.mesh_axes), c.wire_bytes) for c in rep.collectives]
+
+
+def test_no_idle_axis_leaves_the_plan_unchanged():
+    """Both axes annotated (fsdp over data, Megatron over model): nothing is idle."""
+    m = mesh("data=2,model=4")
+    params, batch = _args()
+    specs = ({"w1": P("data", "model"), "b1": P("model"), "w2": P("model", "data")}, FSDP[1])
+    on = ash.parallelize(_step, mesh=m, in_specs=specs)
+    off = ash.parallelize(_step, mesh=m, in_specs=specs, idle_axes=False)
+    assert on.report(params, batch).idle_axes == ""
+    assert _plan(on, params, batch) == _plan(off, params, batch)
+
+
+def test_without_parameter_gradients_no_batch_is_recognised():
+    """An inference function has no parameter-gradient contraction: no batch, idle axes unused."""
+    m = mesh("data=2,model=4")
+    params, batch = _args()
+    fwd = lambda params, batch: jnp.tanh(batch["x"] @ params["w1"] + params["b1"]) @ params["w2"]
+    pf = ash.parallelize(fwd, mesh=m, in_specs=FSDP)
+    assert_tree_close(pf(params, batch), fwd(params, batch), rtol=1e-5, atol=1e-6)
+    assert "no batch was recognised" in pf.report(params, batch).idle_axes
+    off = ash.parallelize(fwd, mesh=m, in_specs=FSDP, idle_axes=False)
+    assert _plan(pf, params, batch) == _plan(off, params, batch)
+
+
+def test_batch_not_divisible_by_the_idle_axes_is_left_alone():
+    m = mesh("data=2,model=4")
+    params, batch = _args()
+    batch = {k: v[:6] for k, v in batch.items()}       # 6 rows: 2 x 4 does not divide them
+    pf = ash.parallelize(_step, mesh=m, in_specs=FSDP)
+    assert_tree_close(pf(params, batch), _step(params, batch), rtol=1e-5, atol=1e-6)
+    assert "does not divide" in pf.report(params, batch).idle_axes

@@ -7,11 +7,13 @@ Where a run of rows crosses no block boundary it is one *piece*: ``(source block
 it, destination block, offset in it, length)``. Pieces a device holds itself are local copies;
 the others move with collective-permutes, greedily packed into *rounds* in which every device
 sends at most one piece and receives at most one (of one length, or shorter pieces carried in
-a longer slab and masked on arrival, whichever moves fewer rows). Each round is one
-``ppermute`` of a ``dynamic_slice`` whose offset the sender reads from a constant table indexed
-by its block index; the receiver writes it with ``dynamic_update_slice`` at its own table
-offset (devices without a piece in the round write into spare rows past the block). Local
-copies are rounds too, without the ``ppermute``.
+a longer slab of which the receiver keeps the piece's rows, whichever moves fewer rows). Each
+round is one ``ppermute`` of a ``dynamic_slice`` whose offset the sender reads from a constant
+table indexed by its block index. Local copies are rounds too, without the ``ppermute``. Each
+result block is then read, at per-device row indices from a constant table, out of the
+concatenation of the local operand blocks, the received slabs and fill rows: one gather for
+the results of a split together, one concatenation of ``dynamic_slice`` runs for a single
+result; XLA fuses it into one buffer per result (no padded buffer updated per round).
 
 Fused QKV ``[B,T,3D]`` split 8 ways, cut into q, k, v (blocks of ``D/8``): device ``j`` of q
 needs the ``D/8`` rows that start ``j*D/8``, held by block ``floor(j/3)``; the three results'
@@ -187,11 +189,12 @@ def apply(xs, dim, axes, axis_sizes, p: Plan, fill=None):
 
     A remote round sends one ``dynamic_slice`` of the (concatenated) operand blocks its
     senders draw from; a slab longer than its piece starts at most ``length`` rows before the
-    piece (kept inside the source block). Each result block is then one gather along ``dim``
-    from the concatenation of the operand blocks, the received slabs and a fill row, at
-    per-device row indices read from a constant ``[n, rows]`` table: no buffer with spare
-    rows, no per-round update or mask (XLA fuses the concatenation into the gather, so the
-    block is the only buffer written)."""
+    piece (kept inside the source block). The result blocks are then read out of the
+    concatenation of the operand blocks, the received slabs and fill rows, at per-device row
+    indices from a constant ``[n, rows]`` table: one gather for all the results of a split
+    (their blocks side by side, sliced apart after), one concatenation of ``dynamic_slice``
+    runs for a single result. No buffer with spare rows, no per-round update or mask: XLA fuses
+    the concatenation into its reader, so each result is the only buffer written."""
     n = p.n
     b = collectives.block_index(axes, axis_sizes)
     blocks = [s // n for s in p.in_sizes]

@@ -7,11 +7,13 @@ Where a run of rows crosses no block boundary it is one *piece*: ``(source block
 it, destination block, offset in it, length)``. Pieces a device holds itself are local copies;
 the others move with collective-permutes, greedily packed into *rounds* in which every device
 sends at most one piece and receives at most one (of one length, or shorter pieces carried in
-a longer slab and masked on arrival, whichever moves fewer rows). Each round is one
-``ppermute`` of a ``dynamic_slice`` whose offset the sender reads from a constant table indexed
-by its block index; the receiver writes it with ``dynamic_update_slice`` at its own table
-offset (devices without a piece in the round write into spare rows past the block). Local
-copies are rounds too, without the ``ppermute``.
+a longer slab of which the receiver keeps the piece's rows, whichever moves fewer rows). Each
+round is one ``ppermute`` of a ``dynamic_slice`` whose offset the sender reads from a constant
+table indexed by its block index. Local copies are rounds too, without the ``ppermute``. Each
+result block is then read, at per-device row indices from a constant table, out of the
+concatenation of the local operand blocks, the received slabs and fill rows: one gather for
+the results of a split together, one concatenation of ``dynamic_slice`` runs for a single
+result; XLA fuses it into one buffer per result (no padded buffer updated per round).
 
 Fused QKV ``[B,T,3D]`` split 8 ways, cut into q, k, v (blocks of ``D/8``): device ``j`` of q
 needs the ``D/8`` rows that start ``j*D/8``, held by block ``floor(j/3)``; the three results'
@@ -177,50 +179,83 @@ def _table(values, default, n):
     return jnp.asarray(t)
 
 
+def _concat(parts, dim):
+    return parts[0] if len(parts) == 1 else lax.concatenate(parts, dim)
+
+
 def apply(xs, dim, axes, axis_sizes, p: Plan, fill=None):
     """Run plan ``p`` on this device's blocks ``xs`` (one per operand) of a dim split over
     ``axes``; the result blocks, rows no piece covers set to ``fill`` (0 when None).
 
-    Each result block is built in a buffer with ``m`` spare rows before and after it (``m``
-    the longest round): devices without a piece in a round write into them. A slab longer
-    than its piece starts at most ``length`` rows before the piece (kept inside the source
-    block) and only the piece's rows are kept."""
+    A remote round sends one ``dynamic_slice`` of the (concatenated) operand blocks its
+    senders draw from; a slab longer than its piece starts at most ``length`` rows before the
+    piece (kept inside the source block). The result blocks are then read out of the
+    concatenation of the operand blocks, the received slabs and fill rows, at per-device row
+    indices from a constant ``[n, rows]`` table: one gather for all the results of a split
+    (their blocks side by side, sliced apart after), one concatenation of ``dynamic_slice``
+    runs for a single result. No buffer with spare rows, no per-round update or mask: XLA fuses
+    the concatenation into its reader, so each result is the only buffer written."""
     n = p.n
     b = collectives.block_index(axes, axis_sizes)
-    x0 = xs[0]
-    m = max((r.length for r in p.rounds), default=0)
-    outs = []
-    for size in p.out_sizes:
-        shape = list(x0.shape)
-        shape[dim] = size // n + 2 * m
-        outs.append(jnp.full(shape, 0 if fill is None else fill, x0.dtype))
+    blocks = [s // n for s in p.in_sizes]
+    got = []                                                # (round, slab start per sender, slab)
     for r in p.rounds:
+        if not r.remote:
+            continue
         operands = sorted({q.operand for q in r.pieces})
-        start = {q.src: min(q.src_off, p.in_sizes[q.operand] // n - r.length) for q in r.pieces}
-        src_off = _table(start.items(), 0, n)[b]
-        sent = [lax.dynamic_slice_in_dim(xs[k], src_off, r.length, axis=dim) for k in operands]
-        if len(sent) == 1:
-            piece = sent[0]
-        else:
-            which = _table([(q.src, operands.index(q.operand)) for q in r.pieces], 0, n)[b]
-            piece = lax.select_n(which, *sent)
-        if r.remote:
-            piece = collectives.permute_blocks(piece, axes, axis_sizes, p.pairs(r))
-        for res in sorted({q.result for q in r.pieces}):
-            got = [q for q in r.pieces if q.result == res]
-            at = _table([(q.dst, m + q.dst_off - (q.src_off - start[q.src])) for q in got],
-                        m + p.out_sizes[res] // n, n)[b]
-            placed = lax.dynamic_update_slice_in_dim(outs[res], piece, at, axis=dim)
-            if all(q.length == r.length for q in got):
-                outs[res] = placed
-                continue
-            first = _table([(q.dst, m + q.dst_off) for q in got], 0, n)[b]
-            stop = first + _table([(q.dst, q.length) for q in got], 0, n)[b]
-            shape = [1] * placed.ndim
-            shape[dim] = placed.shape[dim]
-            row = lax.broadcasted_iota(jnp.int32, tuple(shape), dim)
-            outs[res] = jnp.where((row >= first) & (row < stop), placed, outs[res])
-    return [lax.slice_in_dim(o, m, m + size // n, axis=dim) for o, size in zip(outs, p.out_sizes)]
+        base = dict(zip(operands, np.cumsum([0] + [blocks[k] for k in operands]).tolist()))
+        start = {q.src: min(q.src_off, blocks[q.operand] - r.length) for q in r.pieces}
+        off = _table([(q.src, base[q.operand] + start[q.src]) for q in r.pieces], 0, n)[b]
+        slab = lax.dynamic_slice_in_dim(_concat([xs[k] for k in operands], dim), off, r.length, axis=dim)
+        got.append((r, start, collectives.permute_blocks(slab, axes, axis_sizes, p.pairs(r))))
+    # One gather for all the results (their blocks side by side, then sliced apart): a
+    # concatenation shared by several gathers would be materialised instead of fused.
+    offs = np.cumsum([0] + [s // n for s in p.out_sizes]).tolist()
+    index = np.full((n, offs[-1]), -1, np.int64)
+    parts, at = [], 0
+    local = [q for r in p.rounds if not r.remote for q in r.pieces]
+    for k in sorted({q.operand for q in local}):
+        for q in local:
+            if q.operand == k:
+                row = offs[q.result] + q.dst_off
+                index[q.dst, row:row + q.length] = at + q.src_off + np.arange(q.length)
+        parts.append(xs[k])
+        at += blocks[k]
+    for r, start, slab in got:
+        for q in r.pieces:
+            row = offs[q.result] + q.dst_off
+            index[q.dst, row:row + q.length] = at + q.src_off - start[q.src] + np.arange(q.length)
+        parts.append(slab)
+        at += r.length
+    if (index < 0).any() or not parts:
+        shape = list(xs[0].shape)
+        shape[dim] = max(s // n for s in p.out_sizes)
+        parts.append(jnp.full(shape, 0 if fill is None else fill, xs[0].dtype))
+        for res, lo in enumerate(offs[:-1]):                # fill rows read the fill part in order
+            block = index[:, lo:offs[res + 1]]
+            rows = np.broadcast_to(at + np.arange(block.shape[1]), block.shape)
+            block[block < 0] = rows[block < 0]
+    src = _concat(parts, dim)
+    if src.shape[dim] == offs[-1] and (index == np.arange(offs[-1])).all():
+        out = src
+    elif len(p.out_sizes) == 1:
+        out = _runs(src, index, dim, b)
+    else:
+        out = jnp.take(src, jnp.asarray(index.astype(np.int32))[b], axis=dim, mode="clip")
+    if len(p.out_sizes) == 1:
+        return [out]
+    return [lax.slice_in_dim(out, lo, hi, axis=dim) for lo, hi in zip(offs[:-1], offs[1:])]
+
+
+def _runs(src, index, dim, b):
+    """``src`` rows ``index[b]`` along ``dim``, as a concatenation of one ``dynamic_slice`` per
+    run of rows that is contiguous in ``src`` on every device (no gather: XLA would transpose
+    a gather along a minor dim, and the transposed layout reaches its users)."""
+    cut = [0] + [i for i in range(1, index.shape[1]) if (index[:, i] != index[:, i - 1] + 1).any()]
+    stops = cut[1:] + [index.shape[1]]
+    starts = jnp.asarray(index[:, cut].astype(np.int32))[b]
+    return _concat([lax.dynamic_slice_in_dim(src, starts[j], hi - lo, axis=dim)
+                    for j, (lo, hi) in enumerate(zip(cut, stops))], dim)
 
 
 @dataclass(frozen=True)

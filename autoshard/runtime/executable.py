@@ -33,7 +33,7 @@ from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 from .. import compat
 from ..compiler import ir
 from ..compiler.hardware import costs_for
-from ..compiler.mesh import MeshInfo
+from ..compiler.mesh import MeshInfo, refined_mesh
 from ..compiler.ops import REFUSED, get_rule
 from ..compiler.ops.control_flow import drop_dead_loop_inputs
 from ..compiler.program import register_rule_hint
@@ -350,7 +350,7 @@ class ParallelFunction:
         entry = self._compile(args)
         source = getattr(getattr(self.fun, "__code__", None), "co_filename", None)
         return ShardingReport(entry.program, compile=functools.partial(self._xla_executable, entry),
-                              mesh=self.mesh, source_files=(source,) if source else ())
+                              mesh=refined_mesh(self.mesh, entry.program.mesh), source_files=(source,) if source else ())
 
     @staticmethod
     def _xla_executable(entry):

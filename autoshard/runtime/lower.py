@@ -22,6 +22,7 @@ from ..compiler.ops import get_rule, local_context, reduction_identity
 from ..compiler.ops.control_flow import lower_region
 from ..compiler import collectives
 from ..compiler.planner import plan
+from ..compiler.mesh import refined_mesh
 from .pipelined_scan import lower_pipelined_scan, microbatch_view
 
 
@@ -125,10 +126,13 @@ def lower_to_jit(program, mesh, donate_argnums=()):
     """``jax.jit`` of the shard_map program; takes and returns flat lists of global arrays."""
     in_specs = tuple(lay.spec() for lay in program.in_layouts())
     out_specs = tuple(lay.spec() for lay in program.out_layouts)
-    body = jax.shard_map(local_function(program), mesh=mesh, in_specs=in_specs,
+    local_mesh = refined_mesh(mesh, program.mesh)
+    body = jax.shard_map(local_function(program), mesh=local_mesh, in_specs=in_specs,
                          out_specs=out_specs, check_vma=False)
-    in_shardings = tuple(NamedSharding(mesh, s) for s in in_specs)
-    out_shardings = tuple(NamedSharding(mesh, s) for s in out_specs)
+    # On a refined mesh (passes/refine_mesh.py) the shardings name its sub-axes: the same
+    # devices in the same order, so arrays placed on the user's mesh pass as they are.
+    in_shardings = tuple(NamedSharding(local_mesh, s) for s in in_specs)
+    out_shardings = tuple(NamedSharding(local_mesh, s) for s in out_specs)
     return jax.jit(body, in_shardings=in_shardings, out_shardings=out_shardings,
                    donate_argnums=donate_argnums), in_shardings, out_shardings
 

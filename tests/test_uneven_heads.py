@@ -50,8 +50,13 @@ def test_heads_that_do_not_divide_the_axis_cost_no_more_than_jit(heads, size):
     g = heads
     sub = (f"model:(1){g}", f"model:({g}){size // g}")
     assert pf.program(params, x).mesh.axis_names == sub
-    jax.block_until_ready(pf(jax.device_put(params, {k: NamedSharding(m, s) for k, s in SPECS.items()}), x))
-    assert pf.last_call_copies == 1           # x only (replicated, from the default device)
+    placed = jax.device_put((params, x), pf.input_shardings(params, x))
+    assert placed[0]["wq"].sharding == NamedSharding(m, SPECS["wq"])
+    loss, grads = pf(*placed)
+    assert pf.last_call_copies == 0
+    assert grads["wo"].sharding.mesh == m and grads["wo"].sharding.is_equivalent_to(NamedSharding(m, SPECS["wo"]), 2)
+    with jax.set_mesh(m):       # under the user's mesh, feeding the results to jax.jit
+        jax.block_until_ready((pf(*placed), jax.jit(lambda g: g * 2)(grads["wq"])))
 
     report, hlo = assert_report_matches_hlo(pf, params, x)
     # No all-gather of q, k or v: partial scores (and their gradients) are summed over the

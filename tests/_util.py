@@ -7,6 +7,7 @@ import jax
 import numpy as np
 
 import autoshard as ash
+from autoshard.compiler.mesh import refined_mesh
 from autoshard.report.hlo import parse_collectives, summarize
 
 
@@ -15,7 +16,10 @@ def mesh(shape: str):
 
 
 def hlo_collectives(pf, *args):
-    return parse_collectives(pf.lower(*args).compile().as_text(), pf.mesh)
+    """The compiled HLO's collectives, on the mesh the plan ran on (with the sub-axes of a
+    refined mesh, passes/refine_mesh.py)."""
+    return parse_collectives(pf.lower(*args).compile().as_text(),
+                             refined_mesh(pf.mesh, pf.program(*args).mesh))
 
 
 def assert_report_matches_hlo(pf, *args):

@@ -66,6 +66,25 @@ def make_mesh(shape, devices=None) -> Mesh:
     return Mesh(grid, tuple(sizes), axis_types=(AxisType.Auto,) * len(sizes))
 
 
+def sub_axis_name(axis: str, before: int, size: int) -> str:
+    """Shardy's name of a sub-axis: ``model:(4)2`` is the size-2 part of ``model`` that follows
+    (is minor to) a part of size 4; ``model:(1)4`` is its major part."""
+    return f"{axis}:({before}){size}"
+
+
+def refined_mesh(mesh, info: "MeshInfo"):
+    """The JAX mesh of ``info`` (``mesh`` itself unless ``info`` refines some of its axes):
+    same devices in the same order, each refined axis reshaped into its sub-axes."""
+    if not info.parents:
+        return mesh
+    parent = {s: p for p, subs in info.parents for s in subs}
+    types = dict(zip(mesh.axis_names, mesh.axis_types))
+    axis_types = tuple(types[parent.get(a, a)] for a in info.axis_names)
+    if isinstance(mesh, AbstractMesh):
+        return AbstractMesh(info.axis_sizes, info.axis_names, axis_types=axis_types)
+    return Mesh(np.asarray(mesh.devices).reshape(info.axis_sizes), info.axis_names, axis_types=axis_types)
+
+
 def abstract_mesh(shape) -> AbstractMesh:
     sizes = parse_mesh_shape(shape)
     return AbstractMesh(tuple(sizes.values()), tuple(sizes), axis_types=(AxisType.Auto,) * len(sizes))
@@ -79,6 +98,8 @@ class MeshInfo:
     axis_sizes: tuple[int, ...]
     links: tuple[LinkModel, ...] = field(default=())
     cost_source: str = "defaults: LinkModel() on every axis"
+    # Axes replaced by sub-axes (``refine``): ``(axis, (major sub-axis, minor sub-axis))`` pairs.
+    parents: tuple = ()
 
     @staticmethod
     def of(mesh, links: dict[str, LinkModel] | None = None, source: str | None = None) -> "MeshInfo":
@@ -96,6 +117,53 @@ class MeshInfo:
 
     def link(self, axis: str) -> LinkModel:
         return self.links[self.axis_names.index(axis)] if self.links else LinkModel()
+
+    # -- sub-axes ----------------------------------------------------------------------------
+    def refine(self, axis: str, major: int) -> "MeshInfo":
+        """This mesh with ``axis`` (size n) replaced by two sub-axes of sizes ``major`` and
+        n / major, major first, over the same devices in the same order: named as Shardy
+        writes them, ``model:(1)4`` and ``model:(4)2`` for model=8 refined 4 x 2."""
+        i = self.axis_names.index(axis)
+        n = self.axis_sizes[i]
+        subs = (sub_axis_name(axis, 1, major), sub_axis_name(axis, major, n // major))
+        links = self.links[:i] + (self.links[i],) * 2 + self.links[i + 1:] if self.links else ()
+        return MeshInfo(self.axis_names[:i] + subs + self.axis_names[i + 1:],
+                        self.axis_sizes[:i] + (major, n // major) + self.axis_sizes[i + 1:],
+                        links, self.cost_source, self.parents + ((axis, subs),))
+
+    @property
+    def user_axis_names(self) -> tuple[str, ...]:
+        """The mesh axes as the user named them (each refined axis once, in place of its sub-axes)."""
+        parent = {s: p for p, subs in self.parents for s in subs}
+        out: list[str] = []
+        for a in self.axis_names:
+            name = parent.get(a, a)
+            if name not in out:
+                out.append(name)
+        return tuple(out)
+
+    def expand(self, axes) -> tuple[str, ...]:
+        """User axis names -> this mesh's axes (a refined axis -> its sub-axes, major first)."""
+        subs = dict(self.parents)
+        return tuple(s for a in axes for s in subs.get(a, (a,)))
+
+    def coarsen(self, axes) -> tuple[str, ...] | None:
+        """This mesh's axes -> user axis names, or None where a refined axis is split only in part
+        (or its sub-axes out of order): such a placement exists on the refined mesh only."""
+        out, axes = [], tuple(axes)
+        parent = {s: (p, subs) for p, subs in self.parents for s in subs}
+        i = 0
+        while i < len(axes):
+            if axes[i] not in parent:
+                out.append(axes[i])
+                i += 1
+                continue
+            p, subs = parent[axes[i]]
+            if axes[i:i + len(subs)] != subs:
+                return None
+            out.append(p)
+            i += len(subs)
+        return tuple(out)
 
     @property
     def link_models(self) -> dict[str, LinkModel]:

@@ -153,6 +153,8 @@ class ShardedProgram:
     # value -> (annotated layout, its provenance); ``idle_decision``: why (or why not).
     idle_batch: dict = field(default_factory=dict)
     idle_decision: str = ""
+    # Planned on a refined mesh (passes/refine_mesh.py): which axis became which sub-axes, why.
+    refine_decision: str = ""
 
     @property
     def axis_sizes(self) -> dict[str, int]:

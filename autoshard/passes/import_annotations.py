@@ -21,8 +21,9 @@ name = "import_annotations"
 
 
 def validate_spec(spec, shape, path: str, mesh) -> Layout:
-    """Check one spec against its value's shape and the mesh; return its layout."""
-    axes = mesh.axis_names
+    """Check one spec against its value's shape and the mesh; return its layout (on a refined
+    mesh, an axis the spec names splits the dim over its sub-axes)."""
+    axes = mesh.user_axis_names
     if not isinstance(spec, PartitionSpec):
         raise SpecError(f"sharding spec must be a jax.sharding.PartitionSpec or None, got {type(spec).__name__}",
                         path=path, shape=shape, spec=repr(spec), mesh_axes=axes,
@@ -43,7 +44,8 @@ def validate_spec(spec, shape, path: str, mesh) -> Layout:
                                 spec=spec, mesh_axes=axes,
                                 fix="a mesh axis can split only one dim; to split a dim over several axes write P(('data', 'model'))")
             seen.add(n)
-    return Layout.from_spec(spec, len(shape))
+    lay = Layout.from_spec(spec, len(shape))
+    return Layout(tuple(mesh.expand(d) for d in lay.dims)) if mesh.parents else lay
 
 
 def note_uneven(program, v, layout, path):

@@ -35,6 +35,8 @@ def summary(report) -> str:
     text += f"\ncost model: {report.cost_model_source}"
     if report.program.idle_decision:
         text += f"\nidle axes: {report.program.idle_decision}"
+    if getattr(report.program, "refine_decision", ""):
+        text += f"\nrefined mesh: {report.program.refine_decision}"
     search = getattr(report.program, "search", None)
     if search is not None:
         text += (f"\nauto plan: MILP over {search.nodes} nodes ({search.equations} equations, "

@@ -33,7 +33,7 @@ from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 from .. import compat
 from ..compiler import ir
 from ..compiler.hardware import costs_for
-from ..compiler.mesh import MeshInfo
+from ..compiler.mesh import MeshInfo, refined_mesh
 from ..compiler.ops import REFUSED, get_rule
 from ..compiler.ops.control_flow import drop_dead_loop_inputs
 from ..compiler.program import register_rule_hint
@@ -41,7 +41,7 @@ from ..errors import (PlanningOnlyError, ReshardWarning, RetraceWarning, Shardin
                       UnsupportedPrimitiveError, UnsupportedPrimitiveWarning)
 from ..passes import pipeline
 from ..report import ShardingReport
-from .lower import lower_abstract, lower_to_jit
+from .lower import lower_abstract, lower_to_jit, user_sharding
 
 #: Warn (``RetraceWarning``) when one ParallelFunction has traced more than this many programs.
 RETRACE_WARN_AT = 8
@@ -303,11 +303,13 @@ class ParallelFunction:
         placed = []
         for j, (x, s) in enumerate(zip(leaves, entry.in_shardings)):
             y = self._place(x, s, entry, j)
-            copies += y is not x
+            copies += y is not x and not _same_buffers(x, y)
             placed.append(y)
         self.last_call_copies = copies
-        out = entry.jitted(*placed)
-        return jax.tree.unflatten(entry.out_tree, list(out))
+        out = list(entry.jitted(*placed))
+        if entry.program.mesh.parents:      # planned on a refined mesh: hand back on the user's
+            out = [_relabel(y, user_sharding(self.mesh, entry.program.mesh, y.sharding)) for y in out]
+        return jax.tree.unflatten(entry.out_tree, out)
 
     def _place(self, x, sharding, entry, j):
         """``x`` in the layout ``sharding``; ``x`` itself when it is already there."""
@@ -317,8 +319,11 @@ class ParallelFunction:
                 raise ValueError(f"{self.__name__}: input {path} has been deleted (donated to an earlier call "
                                  f"through donate_argnums?); pass the array the earlier call returned instead")
             have = x.sharding
-            if have == sharding or have.is_equivalent_to(sharding, x.ndim):
+            if have == sharding:
                 return x
+            if have.is_equivalent_to(sharding, x.ndim):
+                # On the plan's refined mesh (passes/refine_mesh.py) the array is relabelled only.
+                return _relabel(x, sharding)
             if self._foreign(have):
                 warnings.warn(ReshardWarning(
                     f"{self.__name__}: input {path} {x.dtype}{list(x.shape)} lives on {_where(have)}, not on this "
@@ -350,7 +355,7 @@ class ParallelFunction:
         entry = self._compile(args)
         source = getattr(getattr(self.fun, "__code__", None), "co_filename", None)
         return ShardingReport(entry.program, compile=functools.partial(self._xla_executable, entry),
-                              mesh=self.mesh, source_files=(source,) if source else ())
+                              mesh=refined_mesh(self.mesh, entry.program.mesh), source_files=(source,) if source else ())
 
     @staticmethod
     def _xla_executable(entry):
@@ -383,11 +388,36 @@ class ParallelFunction:
         """One entry per non-static positional argument (a tuple, so
         ``jax.device_put(args, pf.input_shardings(*args))`` places them all)."""
         entry = self._compile(args)
-        return tuple(jax.tree.unflatten(entry.in_tree, list(entry.in_shardings)))
+        return tuple(jax.tree.unflatten(entry.in_tree, self._user_shardings(entry, entry.in_shardings)))
 
     def output_shardings(self, *args):
         entry = self._compile(args)
-        return jax.tree.unflatten(entry.out_tree, list(entry.out_shardings))
+        return jax.tree.unflatten(entry.out_tree, self._user_shardings(entry, entry.out_shardings))
+
+    def _user_shardings(self, entry, shardings) -> list:
+        """The plan's shardings on the user's mesh where they can be written there."""
+        return [user_sharding(self.mesh, entry.program.mesh, s) for s in shardings]
+
+
+def _relabel(x, sharding):
+    """``x`` with ``sharding``, an equivalent sharding on another mesh of the same devices
+    (the user's mesh and the plan's refined one): the same buffers, not a copy."""
+    if isinstance(x, jax.core.Tracer) or x.sharding == sharding or not isinstance(x.sharding, NamedSharding) \
+            or x.sharding.mesh == sharding.mesh:
+        return x
+    return jax.make_array_from_single_device_arrays(x.shape, sharding,
+                                                    [shard.data for shard in x.addressable_shards])
+
+
+def _same_buffers(x, y) -> bool:
+    """``y`` holds ``x``'s own device buffers (relabelled onto another mesh, not copied)."""
+    if not isinstance(x, jax.Array) or not isinstance(y, jax.Array):
+        return False
+    try:
+        return [s.data.unsafe_buffer_pointer() for s in x.addressable_shards] == \
+               [s.data.unsafe_buffer_pointer() for s in y.addressable_shards]
+    except Exception:       # buffers without a pointer (some backends): count it as a copy
+        return False
 
 
 def _placed_avals(entry) -> list:

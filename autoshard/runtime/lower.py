@@ -14,7 +14,7 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec
 
 from ..compiler.kinds import REDUCTION_KINDS
 from ..compiler.layout import Layout
@@ -22,6 +22,7 @@ from ..compiler.ops import get_rule, local_context, reduction_identity
 from ..compiler.ops.control_flow import lower_region
 from ..compiler import collectives
 from ..compiler.planner import plan
+from ..compiler.mesh import refined_mesh
 from .pipelined_scan import lower_pipelined_scan, microbatch_view
 
 
@@ -125,12 +126,45 @@ def lower_to_jit(program, mesh, donate_argnums=()):
     """``jax.jit`` of the shard_map program; takes and returns flat lists of global arrays."""
     in_specs = tuple(lay.spec() for lay in program.in_layouts())
     out_specs = tuple(lay.spec() for lay in program.out_layouts)
-    body = jax.shard_map(local_function(program), mesh=mesh, in_specs=in_specs,
+    local_mesh = refined_mesh(mesh, program.mesh)
+    body = jax.shard_map(local_function(program), mesh=local_mesh, in_specs=in_specs,
                          out_specs=out_specs, check_vma=False)
-    in_shardings = tuple(NamedSharding(mesh, s) for s in in_specs)
-    out_shardings = tuple(NamedSharding(mesh, s) for s in out_specs)
+    if local_mesh is not mesh:
+        body = _under_mesh(body, local_mesh)
+    # On a refined mesh (passes/refine_mesh.py) the shardings name its sub-axes: the same
+    # devices in the same order, so arrays placed on the user's mesh pass as they are.
+    in_shardings = tuple(NamedSharding(local_mesh, s) for s in in_specs)
+    out_shardings = tuple(NamedSharding(local_mesh, s) for s in out_specs)
     return jax.jit(body, in_shardings=in_shardings, out_shardings=out_shardings,
                    donate_argnums=donate_argnums), in_shardings, out_shardings
+
+
+def user_sharding(mesh, info, sharding):
+    """``sharding`` (on the plan's mesh) on the user's ``mesh`` where it can be written there
+    (each refined axis split whole, sub-axes in order): the same devices hold the same blocks.
+    Otherwise ``sharding`` itself."""
+    if not info.parents or not isinstance(sharding, NamedSharding):
+        return sharding
+    entries = []
+    for e in sharding.spec:
+        axes = () if e is None else ((e,) if isinstance(e, str) else tuple(e))
+        coarse = info.coarsen(axes)
+        if coarse is None:
+            return sharding
+        entries.append(None if not coarse else coarse[0] if len(coarse) == 1 else coarse)
+    return NamedSharding(mesh, PartitionSpec(*entries), memory_kind=sharding.memory_kind)
+
+
+def _under_mesh(body, local_mesh):
+    """``body`` traced with the refined mesh as the context mesh (a caller's ``jax.set_mesh``
+    of the user's mesh would not match the shard_map's)."""
+    abstract = getattr(local_mesh, "abstract_mesh", local_mesh)
+
+    @functools.wraps(body)
+    def run(*args):
+        with jax.sharding.use_abstract_mesh(abstract):
+            return body(*args)
+    return run
 
 
 class AbstractLowered(jax.stages.Lowered):

@@ -374,6 +374,15 @@ def test_mesh_form_two_sub_axes_of_one_axis():
     assert c.mesh_axes == ("a", "c")
 
 
+def test_mesh_form_names_of_a_refined_mesh():
+    # JAX 0.12 writes a refined mesh's own axis names (autoshard's sub-axes, spelt as Shardy
+    # does) inside quotes: 'model:(4)2' is an axis name, not a sub-axis of 'model'.
+    text = ("%ar = f32[4]{0} all-reduce(%p), replica_groups=mesh['model:(1)4'=4,'model:(4)2'=2] "
+            "{'model:(4)2'}, to_apply=%add\n")
+    (c,) = _parse(text, ((4, 2), ("model:(1)4", "model:(4)2")))
+    assert (c.mesh_axes, c.group_size) == (("model:(4)2",), 2)
+
+
 def test_tuple_all_to_all_whose_source_is_not_found():
     # Chunks from unrelated producers: one record, leading dim scaled by n, bytes exact.
     text = ("%a = (f32[1,4,8]{2,1,0}, f32[1,4,8]{2,1,0}) all-to-all(%u, %v), "

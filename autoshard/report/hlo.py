@@ -287,7 +287,10 @@ def _mesh_form_groups(text: str) -> np.ndarray:
     j = i + bm.end() - 1
     refs_text = text[j + 1:_closing(text, j) - 1]
     refs = []  # (axis index, pre_size, size)
-    for name, pre, size in re.findall(r"'?([^':,\s]+)'?(?::\((\d+)\)(\d+))?", refs_text):
+    # A quoted name is whole ('model:(4)2', autoshard's own sub-axis of a refined mesh, holds
+    # what would otherwise read as XLA's sub-axis syntax); a sub-axis of it follows the quotes.
+    for quoted, bare, pre, size in re.findall(r"(?:'([^']+)'|([^':,\s]+))(?::\((\d+)\)(\d+))?", refs_text):
+        name = quoted or bare
         if name not in names:
             raise ValueError(f"replica groups {text!r} name unknown axis {name!r}")
         k = names.index(name)

@@ -30,6 +30,7 @@ from ..compiler.cost_model import wire_bytes
 from ..compiler.program import Fallback, Reshard
 from .propagate import eqn_tensors, internal_cost
 
+_REDUCTIONS = {"reduce_sum", "reduce_max", "reduce_min"}
 _ELEMENTWISE = {"mul", "add", "sub", "div", "max", "min", "add_any", "select_n"}
 
 name = "insert_collectives"
@@ -124,6 +125,10 @@ class _Placer:
         self.copy_use: dict = {}         # (value, layout) -> (copy, last consumer's Eqn.index, its name)
         self.depth = 0                   # > 0 inside a loop/branch body
         self.at = -1                     # Eqn.index of the equation being placed
+        self.users: dict = {}            # value -> equations of the program's graph reading it
+        for e in program.graph.eqns:
+            for w in e.invars:
+                self.users.setdefault(w, []).append(e)
 
     def layout_of(self, v):
         return self.actual[v] if v in self.actual else self.p.layouts[v]
@@ -168,7 +173,7 @@ class _Placer:
         ``REGATHER_GAP`` or more equations and this consumer broadcasts it to a larger
         result: XLA CPU stores the shared broadcast whole (a reduction it hands to YNNPACK
         does not fuse it) and keeps it from the forward to the backward, while a copy of its
-        own is fused into this consumer. Taken where the re-gather's wire bytes are below the
+        own is fused into this consumer (one whose result a reduction reads). Taken where the re-gather's wire bytes are below the
         bytes of that broadcast; recorded as a reshard of its own (the report and the HLO
         count it)."""
         prev = self.copy_use.get((v, want))
@@ -182,7 +187,8 @@ class _Placer:
             return False
         out = eqn.outvars[0]
         held = math.prod(self.p.layouts[out].local_shape(out.shape, self.sizes)) * out.dtype.itemsize
-        if math.prod(out.shape) <= math.prod(v.shape):
+        if math.prod(out.shape) <= math.prod(v.shape) or not any(
+                u.prim.name in _REDUCTIONS for u in self.users.get(out, ())):
             return False
         cost = sum(wire_bytes(t.kind, t.group_size(self.sizes),
                               math.prod(t.in_shape) * v.dtype.itemsize) for t in steps)

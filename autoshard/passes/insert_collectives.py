@@ -17,6 +17,7 @@ value with several uses, one of which needs it reduced, is reduced once, where i
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from ..compiler.factors import choose, required_layout, result_partial
@@ -197,8 +198,10 @@ class _Placer:
         k = prev[0] + 1
         self.copy_use[(v, want)] = (k, eqn.index, consumer)
         self.p.copies[(eqn.index, i)] = k
+        # lowered with k leading size-1 dims (collectives._all_gather): the HLO's shapes
+        steps = tuple(dataclasses.replace(t, in_shape=(1,) * k + tuple(t.in_shape)) for t in steps)
         self.p.reshards.append(Reshard(
-            v, have, want, tuple(steps),
+            v, have, want, steps,
             f"{consumer} re-gathers it ({cost:,.0f} B on the wire) rather than hold the copy "
             f"gathered for {prev[2]} {eqn.index - prev[1]} equations earlier, whose broadcast to "
             f"{held:,} B would be kept that long", eqn.source, consumer))

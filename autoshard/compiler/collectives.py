@@ -40,7 +40,18 @@ def mask_padding(x, dim, axes, axis_sizes, true_size, fill):
     return jnp.where(index < true_size, x, jnp.asarray(fill, dtype=x.dtype))
 
 
-def apply(x, transforms, axis_sizes):
+def _all_gather(x, axis, dim, copy):
+    """Tiled all-gather; the ``copy``-th re-gather of a value runs on it with ``copy`` leading
+    size-1 dims (a bitcast), so XLA, which merges identical collectives (every one of a
+    shard_map program has the same channel id), keeps it apart from the earlier gathers."""
+    if not copy:
+        return lax.all_gather(x, axis, axis=dim, tiled=True)
+    y = lax.all_gather(x.reshape((1,) * copy + x.shape), axis, axis=dim + copy, tiled=True)
+    return y.reshape(y.shape[copy:])
+
+
+def apply(x, transforms, axis_sizes, copy: int = 0):
+    """Run ``transforms`` on ``x``; ``copy`` > 0 marks a re-gather (``_all_gather``)."""
     for t in transforms:
         if t.kind == "all-reduce":
             x = _ALL_REDUCE[t.op](x, t.axes if len(t.axes) > 1 else t.axes[0])
@@ -49,7 +60,7 @@ def apply(x, transforms, axis_sizes):
                 x = _pad_dim(x, t.dim, t.pad_to)
             x = lax.psum_scatter(x, t.axes[0], scatter_dimension=t.dim, tiled=True)
         elif t.kind == "all-gather":
-            x = lax.all_gather(x, t.axes[0], axis=t.dim, tiled=True)
+            x = _all_gather(x, t.axes[0], t.dim, copy)
             if t.trim >= 0:
                 x = lax.slice_in_dim(x, 0, t.trim, axis=t.dim)
         elif t.kind == "all-to-all":

@@ -140,6 +140,9 @@ class ShardedProgram:
     in_boundary: dict[Value, Layout] = field(default_factory=dict)
     notes: list = field(default_factory=list)                       # (kind, message, fix) for the report
     reshards: list[Reshard] = field(default_factory=list)
+    # (Eqn.index, operand) -> k: that operand is gathered afresh, as its k-th copy, instead of
+    # reusing the copy gathered for an earlier consumer (insert_collectives.REGATHER_GAP).
+    copies: dict[tuple[int, int], int] = field(default_factory=dict)
     # Equations of primitives without a rule, computed on replicated operands (in program order).
     fallbacks: list[Fallback] = field(default_factory=list)
     pass_seconds: dict[str, float] = field(default_factory=dict)

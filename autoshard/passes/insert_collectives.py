@@ -17,6 +17,7 @@ value with several uses, one of which needs it reduced, is reduced once, where i
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from ..compiler.factors import choose, required_layout, result_partial
@@ -30,8 +31,15 @@ from ..compiler.cost_model import wire_bytes
 from ..compiler.program import Fallback, Reshard
 from .propagate import eqn_tensors, internal_cost
 
+_REDUCTIONS = {"reduce_sum", "reduce_max", "reduce_min"}
+_ELEMENTWISE = {"mul", "add", "sub", "div", "max", "min", "add_any", "select_n"}
+
 name = "insert_collectives"
 MAX_ROUNDS = 6
+#: Equations between two consumers of one gathered copy beyond which the later one may
+#: re-gather (``_Placer.regather``): the uses of a forward op are a few equations apart, its
+#: backward's hundreds.
+REGATHER_GAP = 32
 
 
 def _fmt(lay: Layout, axes) -> str:
@@ -115,6 +123,13 @@ class _Placer:
         self.reduced_at_consumer: set = set()
         self.made_partial: dict = {}     # value -> its partial as produced (before any post)
         self.partial_source: dict = {}   # value -> the one same-size partial input it passed on
+        self.copy_use: dict = {}         # (value, layout) -> (copy, last consumer's Eqn.index, its name)
+        self.depth = 0                   # > 0 inside a loop/branch body
+        self.at = -1                     # Eqn.index of the equation being placed
+        self.users: dict = {}            # value -> equations of the program's graph reading it
+        for e in program.graph.eqns:
+            for w in e.invars:
+                self.users.setdefault(w, []).append(e)
 
     def layout_of(self, v):
         return self.actual[v] if v in self.actual else self.p.layouts[v]
@@ -127,6 +142,8 @@ class _Placer:
         if key in self.planned or src == dst:
             return
         self.planned.add(key)
+        if consumer is not None and not src.partial:
+            self.copy_use[key] = (0, self.at, consumer)
         steps = plan(src, dst, v.shape, self.sizes)
         # The lowering keeps every layout a value passes through (runtime/lower.py fetch), so
         # a plan that starts like an earlier one of the same value resumes where that one
@@ -151,9 +168,50 @@ class _Placer:
                     f"to {_fmt(dst, axes)}")
         return f"{consumer} needs it as {_fmt(dst, axes)}; it is {_fmt(src, axes)} after {self.origin(v)}"
 
+    def regather(self, eqn, i, v, have, want, consumer) -> bool:
+        """Gather ``v`` afresh for this consumer instead of reusing the copy gathered for an
+        earlier one (FSDP's reshard after forward), where that copy would otherwise be held
+        ``REGATHER_GAP`` or more equations and this consumer broadcasts it to a larger
+        result: XLA CPU stores the shared broadcast whole (a reduction it hands to YNNPACK
+        does not fuse it) and keeps it from the forward to the backward, while a copy of its
+        own is fused into this consumer (one whose result a reduction reads). Taken where the re-gather's wire bytes are below the
+        bytes of that broadcast; recorded as a reshard of its own (the report and the HLO
+        count it)."""
+        prev = self.copy_use.get((v, want))
+        if (prev is None or self.depth or have.partial or eqn.index - prev[1] < REGATHER_GAP
+                or len(eqn.outvars) != 1 or eqn.prim.name not in _ELEMENTWISE):
+            if prev is not None:
+                self.copy_use[(v, want)] = (prev[0], eqn.index, consumer)
+            return False
+        steps = plan(have, want, v.shape, self.sizes)
+        if not steps or any(t.kind != "all-gather" for t in steps):
+            return False
+        out = eqn.outvars[0]
+        held = math.prod(self.p.layouts[out].local_shape(out.shape, self.sizes)) * out.dtype.itemsize
+        if math.prod(out.shape) <= math.prod(v.shape) or not any(
+                u.prim.name in _REDUCTIONS for u in self.users.get(out, ())):
+            return False
+        cost = sum(wire_bytes(t.kind, t.group_size(self.sizes),
+                              math.prod(t.in_shape) * v.dtype.itemsize) for t in steps)
+        if cost >= held:
+            return False
+        k = prev[0] + 1
+        self.copy_use[(v, want)] = (k, eqn.index, consumer)
+        self.p.copies[(eqn.index, i)] = k
+        # lowered with k leading size-1 dims (collectives._all_gather): the HLO's shapes
+        steps = tuple(dataclasses.replace(t, in_shape=(1,) * k + tuple(t.in_shape)) for t in steps)
+        self.p.reshards.append(Reshard(
+            v, have, want, steps,
+            f"{consumer} re-gathers it ({cost:,.0f} B on the wire) rather than hold the copy "
+            f"gathered for {prev[2]} {eqn.index - prev[1]} equations earlier, whose broadcast to "
+            f"{held:,} B would be kept that long", eqn.source, consumer))
+        return True
+
     def require(self, eqn, i, v, want, consumer):
         have = self.layout_of(v)
         self.p.operand_layouts[(eqn.index, i)] = want
+        if have != want and self.regather(eqn, i, v, have, want, consumer):
+            return
         if have != want:
             if have.partial and not set(have.partial) <= set(want.partial):
                 self.reduced_at_consumer.add(v)
@@ -192,6 +250,7 @@ class _Placer:
     def region(self, eqn):
         pipe = self.p.pipelines.get(eqn.index)
         ins, outs, body_outs = region_boundaries(eqn, self.canonical, _stage_axes(self.p, eqn))
+        self.at = eqn.index
         where = f"{eqn.prim.name} at {eqn.source}"
         self.p.assignments[eqn.index] = ()
         for i, (v, want) in enumerate(zip(eqn.invars, ins)):
@@ -199,7 +258,9 @@ class _Placer:
         for sub, sub_outs in zip(eqn.subgraphs, body_outs):
             for v in sub.invars:
                 self.actual[v] = self.canonical(v)
+            self.depth += 1
             self.graph(sub, sub_outs, [f"body output {k} of {where}" for k in range(len(sub_outs))])
+            self.depth -= 1
         for o, made in zip(eqn.outvars, outs):
             self.produce(eqn, o, made, where)
         if pipe is not None:
@@ -240,6 +301,7 @@ class _Placer:
 
     def equation(self, eqn):
         p = self.p
+        self.at = eqn.index
         fr = p.rules[eqn.index]
         rule = get_rule(eqn)
         ins = [self.layout_of(v) for v in eqn.invars]
@@ -310,6 +372,7 @@ def _place(program, eager) -> set:
     program.produced.clear()
     program.post.clear()
     program.reshards.clear()
+    program.copies.clear()
     program.fallbacks.clear()
     program.region_outputs.clear()
     placer = _Placer(program, eager)

@@ -273,7 +273,9 @@ def _materialized(ctx) -> tuple[dict, dict]:
         made = {o for e in graph.eqns for o in e.outvars}
         for u in into_reduce:
             full = ctx.local_bytes(u.outvars[0], p.final_layout(u.outvars[0]))
-            for v in u.invars:
+            for k, v in enumerate(u.invars):
+                if (u.index, k) in p.copies:
+                    continue            # its own re-gathered copy: the broadcast is fused
                 if not v.is_const and v.shape != u.outvars[0].shape:
                     if v in made:
                         size[v] = max(size.get(v, 0), full)

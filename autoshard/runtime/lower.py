@@ -43,7 +43,7 @@ def interpreter(program):
     a loop/branch body) per device."""
     sizes = program.axis_sizes
 
-    def fetch(env, cache, v, want: Layout):
+    def fetch(env, cache, v, want: Layout, copy: int = 0):
         if v.is_const:
             have = Layout.replicated(len(v.shape))
             if want == have:
@@ -53,6 +53,10 @@ def interpreter(program):
             have, x = program.final_layout(v), env[v]
         if have == want:
             return x
+        if copy:        # a re-gather: its own collectives, from the value as made
+            if (v, want, copy) not in cache:
+                cache[(v, want, copy)] = collectives.apply(x, plan(have, want, v.shape, sizes), sizes, copy)
+            return cache[(v, want, copy)]
         if (v, want) in cache:
             return cache[(v, want)]
         # Resume from the furthest layout of this plan already made for another consumer
@@ -72,7 +76,8 @@ def interpreter(program):
         cache: dict = {}
         for eqn in g.eqns:
             in_lays = tuple(program.operand_layouts[(eqn.index, i)] for i in range(len(eqn.invars)))
-            ins = [fetch(env, cache, v, lay) for v, lay in zip(eqn.invars, in_lays)]
+            ins = [fetch(env, cache, v, lay, program.copies.get((eqn.index, i), 0))
+                   for i, (v, lay) in enumerate(zip(eqn.invars, in_lays))]
             if eqn.index in program.pipelines:
                 pipe = program.pipelines[eqn.index]
                 out_shapes = [program.produced[o].local_shape(o.shape, sizes) for o in eqn.outvars]

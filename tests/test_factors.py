@@ -5,7 +5,7 @@ import pytest
 
 from autoshard.compiler import factors
 from autoshard.compiler.cost_model import LinkModel
-from autoshard.compiler.factors import (Tensor, axis_conflicts, candidate_assignments, choose, clear_caches,
+from autoshard.compiler.factors import (UNDECIDED_RESULT_WEIGHT, Tensor, axis_conflicts, candidate_assignments, choose, clear_caches,
                                         compound_factors, legalize, merged_assignment, project, project_back,
                                         required_layout, result_partial)
 from autoshard.compiler.kinds import FactorKind
@@ -189,7 +189,8 @@ def test_choose_prices_a_conflict_and_moves_the_smaller_operand():
     # a[8,16] f32 split over x on dim 0, b[8,16] f64 over x on dim 1 (x = 2): one of them must
     # move with an all-to-all of its [8,8] block. a's block is 256 B, b's 512 B, so dim 1 wins:
     # (n-1)/n * 256 = 128 wire bytes at 100 GB/s, plus one latency step (5 us) weighed 1e-6,
-    # plus 8 * 8 points of work at 1e-13 s.
+    # plus 8 * 8 points of work at 1e-13 s, plus the undecided result's [8,8] f32 block (256 B)
+    # at UNDECIDED_RESULT_WEIGHT.
     fb = FactorBuilder()
     f0, f1 = fb.new(8), fb.new(16)
     rule = fb.build([[f0, f1], [f0, f1]], [[f0, f1]])
@@ -198,7 +199,8 @@ def test_choose_prices_a_conflict_and_moves_the_smaller_operand():
                Tensor(((0,), (1,)), (8, 16), 4, None, is_result=True)]
     c = choose(rule, tensors, {"x": 2}, {"x": LinkModel()})
     assert c.assignment == ((), ("x",)) and c.by_cost
-    assert c.cost == pytest.approx(128 / 100e9 + 1e-6 * 5e-6 + 64 * 1e-13, rel=1e-12)
+    assert c.cost == pytest.approx(128 / 100e9 + 1e-6 * 5e-6 + 64 * 1e-13
+                                   + UNDECIDED_RESULT_WEIGHT * 256 / 100e9, rel=1e-12)
 
 
 def test_clear_caches_empties_every_memo():

@@ -121,3 +121,51 @@ def test_batch_not_divisible_by_the_idle_axes_is_left_alone():
     pf = ash.parallelize(_step, mesh=m, in_specs=FSDP)
     assert_tree_close(pf(params, batch), _step(params, batch), rtol=1e-5, atol=1e-6)
     assert "does not divide" in pf.report(params, batch).idle_axes
+
+
+def _model_step(model, batch_size):
+    """A benchmark model's training step on data=2,model=4 with its fsdp annotations (as
+    ``benchmark/measure.py`` builds it): ``(pf, step, args, jit-compiled step, mesh)``."""
+    from autoshard.benchmark.measure import BENCH_CONFIGS
+    from autoshard.models import get_model, presets
+    m = mesh("data=2,model=4")
+    axes = tuple(m.axis_names)
+    mod = get_model(model)
+    cfg = presets.configure(model, mod.Config(**BENCH_CONFIGS.get(model, {})), "fsdp", axes)
+    model_def, params = mod.init(cfg, seed=0)
+    opt = mod.default_optimizer()
+    args = (params, opt.init(params), mod.make_batch(cfg, batch_size, seed=0))
+    step = mod.make_train_step(model_def, opt)
+    pspecs = presets.param_specs(model, params, "fsdp", axes, dict(m.shape))
+    bspecs = presets.batch_specs(model, args[2], "fsdp", axes)
+    pf = ash.parallelize(step, mesh=m, in_specs=(pspecs, None, bspecs))
+    named = lambda specs: jax.tree.map(lambda s: NamedSharding(m, s), specs, is_leaf=lambda s: isinstance(s, P))
+    shardings = (named(pspecs), tuple(pf.input_shardings(*args))[1], named(bspecs))
+    with jax.set_mesh(m):
+        jit = jax.jit(step, in_shardings=shardings).lower(*args).compile()
+    return pf, step, args, jit, m
+
+
+def _assert_no_worse_than_jit(model, batch_size):
+    pf, step, args, jit, m = _model_step(model, batch_size)
+    assert_tree_close(pf(*args), jax.jit(step)(*args), rtol=1e-4, atol=1e-5)
+    assert "('model',) are idle" in pf.report(*args).idle_axes
+    ours, theirs = _numbers(pf.lower(*args).compile(), m), _numbers(jit, m)
+    assert ours[0] <= theirs[0], f"flops per device: autoshard {ours[0]:,.0f}, jax.jit {theirs[0]:,.0f}"
+    assert ours[1] <= 1.02 * theirs[1], f"memory per device: autoshard {ours[1]:,} B, jax.jit {theirs[1]:,} B"
+    assert ours[2] <= theirs[2], f"wire bytes per device: autoshard {ours[2]:,.0f}, jax.jit {theirs[2]:,.0f}"
+
+
+def test_mlp_fsdp_keeps_the_idle_axis_where_a_weight_wins_the_data_axis():
+    """4 rows per device: the weights stay in place and the activations move. Where a
+    contraction's weight keeps 'data' (split over the summed dim), the batch, split over
+    (data, model), loses 'data' only and stays split over 'model' (a candidate made of the
+    weight's factors and the batch's less the axes taken): the work stays 8-way split."""
+    _assert_no_worse_than_jit("mlp", 32)
+
+
+def test_cnn_fsdp_keeps_the_head_gradient_split_over_the_batch():
+    """The head's input gradient gathers the 640-byte kernel and stays split over the batch
+    (its undecided result's bytes are priced), rather than splitting over channels to spare
+    the gather and carrying that split, by all-to-alls, through the last block's backward."""
+    _assert_no_worse_than_jit("cnn", 16)

@@ -22,12 +22,10 @@ from autoshard.report.hlo import parse_collectives
 
 # Validation pairs: every reference model under every strategy it has, on the 8-device mesh
 # with the axes the strategy needs (all of them: ~60 s on 2 CPU cores).
-# cnn fsdp on data=2,model=4 (one image per device once the idle 'model' axis splits the batch,
-# passes/idle_axes.py): the memory model sees 88% of XLA's step memory. The gap is XLA CPU's
-# all-to-all buffers (each all-to-all's operand is sliced into a tuple of chunks and its result
-# is a tuple: f32[4,8,8,16] pairs of 16 KiB in the buffer assignment), which report/memory.py
-# counts as one value-sized buffer. Collectives, bytes and layouts still match the HLO exactly.
-_MEMORY_MODEL_GAPS = {("cnn", "fsdp"): "memory model: XLA CPU all-to-all tuple buffers (see above)"}
+# Pairs whose memory model is known to miss XLA's step memory (xfail, with the reason). cnn fsdp
+# was one while its last block's backward ran all-to-alls (XLA CPU's tuple buffers); it has none
+# since the head's input gradient stays split over the batch (compiler/factors.py).
+_MEMORY_MODEL_GAPS: dict = {}
 
 
 def _pairs():

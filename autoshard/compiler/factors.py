@@ -202,6 +202,16 @@ def candidate_assignments(rule, tensors, axis_sizes, reserved=()) -> list[Assign
     for p, _ in projections:
         taken = {a for ax in p.values() for a in ax}
         raw.append(tuple(p.get(f, merged[f] if not taken & set(merged[f]) else ()) for f in range(n)))
+        # Where this tensor splits a summed factor (a weight split over the contracted dim):
+        # its factors, the others' from another tensor less the axes it takes. The batch,
+        # split over (data, model), then keeps model where the weight's data split wins,
+        # instead of losing both (merged lists conflict and are cut at data). Not for pass
+        # factors: a batch moved onto model alone there spreads (model; data on channels)
+        # layouts that later all-gather over model to meet (data, model) ones.
+        for q, _ in projections:
+            if q is not p and any(rule.kinds[f] in REDUCTION_KINDS and p[f] for f in p):
+                raw.append(tuple(p[f] if f in p else tuple(a for a in q.get(f, ()) if a not in taken)
+                                 for f in range(n)))
     raw.append(((),) * n)
     raw += [v for r in raw for v in relocated(r, rule, axis_sizes)]
     out, seen = [], set()
@@ -286,6 +296,20 @@ def _result_partial(assignment, kinds) -> tuple:
                         if kinds[f] in REDUCTION_KINDS for a in axes))
 
 
+# An undecided result takes the layout this choice gives it, and its consumers take it as is
+# or move it: its per-device bytes are charged at this weight (of moving them once over the
+# slowest link), so that of candidates whose reshards cost about the same, the one leaving a
+# smaller, more split result wins. (A CNN head's input gradient left split over channels
+# rather than the batch, to spare gathering a 640-byte weight, carried that split through the
+# last block's backward activations: 100 KiB of all-to-alls.)
+UNDECIDED_RESULT_WEIGHT = 0.5
+
+
+def _undecided_result_time(want: Layout, t: Tensor, axis_sizes, links) -> float:
+    local = math.prod(Layout(want.dims).local_shape(t.shape, axis_sizes)) * t.itemsize
+    return UNDECIDED_RESULT_WEIGHT * local / min(link.bandwidth_bytes_per_s for link in links.values())
+
+
 def assignment_cost(assignment, rule, tensors, axis_sizes, links, passed_partial=()):
     """Alpha-beta time of the reshards this assignment implies, plus compute; None if the
     assignment cannot be expressed on some tensor."""
@@ -299,6 +323,8 @@ def assignment_cost(assignment, rule, tensors, axis_sizes, links, passed_partial
             produced = want.with_partial(set(reduced) | set(passed_partial))
             target = t.layout if t.layout is not None else Layout(want.dims)
             cost += reshard_time(produced, target, t.shape, t.itemsize, axis_sizes, links)
+            if t.layout is None and links:
+                cost += _undecided_result_time(want, t, axis_sizes, links)
         elif t.layout is not None:
             cost += reshard_time(t.layout, want, t.shape, t.itemsize, axis_sizes, links)
     return cost + assignment_points(rule.sizes, assignment, axis_sizes) * COMPUTE_SECONDS_PER_POINT

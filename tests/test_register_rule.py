@@ -17,7 +17,7 @@ from jax.interpreters import mlir
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import autoshard as ash
-from autoshard.compiler.ops import RULES, FactorBuilder
+from autoshard.compiler.ops import RULES, FactorBuilder, _load_families
 from autoshard.compiler.ops import custom
 from autoshard.compiler.ops.custom import factor_rule, parse_rule
 
@@ -30,6 +30,10 @@ from _util import assert_report_matches_hlo, assert_tree_close, kinds
 def _restore_registry():
     """Rules registered here do not leak into other test modules (test_op_database checks
     that every registered primitive has a sample)."""
+    # The op families register their rules on first use: load them before the snapshot, or
+    # the restore would drop every rule a test here happened to load (and later modules would
+    # run those ops on the fallback).
+    _load_families()
     saved = dict(RULES), set(custom._USER), dict(custom._KERNELS)
     yield
     RULES.clear(), RULES.update(saved[0])
@@ -433,3 +437,16 @@ def test_a_lowering_that_ignores_local_shapes_is_named():
     pf = ash.parallelize(f, mesh=ash.make_mesh("data=2,model=4"), in_specs=(P("data", None),))
     with pytest.raises(ash.ShardingRuleError, match=r"returned per-device results of shapes \[\(32, 8\)\]"):
         pf(np.ones((32, 8), np.float32))
+
+
+def test_a_user_rule_is_split_only_where_its_operands_are():
+    """Attention's rule written for propagation calls the contracted head dim ``d`` a pass
+    factor. With the sequence split and ``k`` needing replication, the engine must not move the
+    axis onto ``d`` of its own accord (an all-to-all that would contract a split ``d`` without a
+    sum): it gathers, and the result is exact."""
+    attn = ash.with_rule(attention, ATTN_RULE, need_replication_factors=("k",))
+    pf = ash.parallelize(attn, mesh=ash.make_mesh("data=2,model=4"), in_specs=(P("data", None, "model"),) * 3)
+    q, k, v = _qkv()
+    layouts = [e["operands"] for e in pf.report(q, k, v).to_dict()["equations"] if e["op"] == "custom_partitioning"]
+    assert layouts and all("S(3)" not in layout for ops in layouts for layout in ops)
+    assert_tree_close(pf(q, k, v), attention_reference(q, k, v), rtol=1e-5, atol=1e-5)

@@ -213,7 +213,8 @@ def candidate_assignments(rule, tensors, axis_sizes, reserved=()) -> list[Assign
                 raw.append(tuple(p[f] if f in p else tuple(a for a in q.get(f, ()) if a not in taken)
                                  for f in range(n)))
     raw.append(((),) * n)
-    raw += [v for r in raw for v in relocated(r, rule, axis_sizes)]
+    if not rule.user:
+        raw += [v for r in raw for v in relocated(r, rule, axis_sizes)]
     out, seen = [], set()
     for r in raw:
         for v in legalize(r, rule, axis_sizes, set(reserved)):
@@ -357,7 +358,7 @@ def choose(rule, tensors, axis_sizes, links, reserved=(), passed_partial=(), ext
     as the offsets of a slice) it is not memoized."""
     if extra is not None:
         return choose_uncached(rule, tensors, axis_sizes, links, reserved, passed_partial, extra)
-    key = (rule.sizes, rule.kinds, rule.operands, rule.results, rule.accumulators,
+    key = (rule.sizes, rule.kinds, rule.operands, rule.results, rule.accumulators, rule.user,
            tuple(d for _, d in rule.linked),
            tuple((t.dims, t.shape, t.itemsize, t.layout, t.priority, t.is_result, t.accumulator,
                   t.keep_partial) for t in tensors),

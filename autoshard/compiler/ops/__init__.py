@@ -52,6 +52,9 @@ class FactorRule:
     # Values of nested bodies (control flow) tied to this equation's factors: pairs of
     # (Value, dims). Propagation moves layouts across the region boundary through them.
     linked: tuple = ()
+    # A user's rule (register_rule / with_rule): its op is split only where its operands
+    # already are; the chooser invents no split of its own for it (factors.candidate_assignments).
+    user: bool = False
 
 
 class FactorBuilder:

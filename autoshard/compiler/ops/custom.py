@@ -36,6 +36,8 @@ Three ways in (see ``register_rule`` and ``with_rule``):
 """
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 import math
 import re
@@ -236,7 +238,7 @@ def factor_rule(spec: RuleSpec, in_shapes, out_shapes, *, where: str = "",
                     fids += ids[n]
             t.append(fids)
         out.append(t)
-    return fb.build(out[:n_in], out[n_in:])
+    return dataclasses.replace(fb.build(out[:n_in], out[n_in:]), user=True)
 
 
 def _show(name: str) -> str:
@@ -284,11 +286,18 @@ class _Kernel:
 
 
 def _factors_fn(rule, kw, contracted="sum") -> tuple[Callable, str]:
+    """The user's rule as ``eqn -> FactorRule``, marked ``user``: the engine splits a user's op
+    only where its operands' layouts already do (it never moves an axis onto a factor of its own
+    accord, since a rule written for propagation, such as attention's ``b h q d, b h k d, ...``,
+    may call a contracted dim a pass-through one)."""
     if callable(rule) and not isinstance(rule, (str, SdyShardingRule)):
         if any(kw.values()):
             raise ShardingRuleError("factor kinds and sizes given next to a rule function", rule=rule,
                                     fix="a function (eqn) -> FactorRule decides kinds itself")
-        return rule, getattr(rule, "__name__", repr(rule))
+
+        def from_function(eqn):
+            return dataclasses.replace(rule(eqn), user=True)
+        return from_function, getattr(rule, "__name__", repr(rule))
     spec = parse_rule(rule, **kw)
 
     def factors(eqn):

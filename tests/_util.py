@@ -58,3 +58,13 @@ def assert_tree_close(got, want, rtol=1e-5, atol=1e-6):
 
 def kinds(collectives) -> Counter:
     return Counter((c.kind, tuple(c.mesh_axes)) for c in collectives)
+
+
+def flops_and_memory(compiled):
+    """Per device: XLA's flops (``cost_analysis()``) and memory (``memory_analysis()``:
+    arguments + outputs + temporaries - aliased)."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    mem = compiled.memory_analysis()
+    return cost["flops"], (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                           + mem.temp_size_in_bytes - mem.alias_size_in_bytes)

@@ -10,17 +10,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import autoshard as ash
-from _util import assert_tree_close, mesh
+from _util import assert_tree_close, mesh, flops_and_memory
 
 T, D = 64, 32
-
-
-def _flops_and_memory(compiled):
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    mem = compiled.memory_analysis()
-    return cost["flops"], (mem.argument_size_in_bytes + mem.output_size_in_bytes
-                           + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
 
 
 def _attention_loss(w, x):
@@ -44,10 +36,10 @@ def test_sequence_split_attention_backward_splits_the_projections_work():
 
     pf = ash.parallelize(step, mesh=m, in_specs=specs)
     assert_tree_close(pf(w, x), step(w, x), rtol=1e-4, atol=1e-4)
-    ours = _flops_and_memory(pf.lower(w, x).compile())
+    ours = flops_and_memory(pf.lower(w, x).compile())
     named = jax.tree.map(lambda s: NamedSharding(m, s), specs,
                          is_leaf=lambda s: isinstance(s, P))
     with jax.set_mesh(m):
-        jit = _flops_and_memory(jax.jit(step, in_shardings=named).lower(w, x).compile())
+        jit = flops_and_memory(jax.jit(step, in_shardings=named).lower(w, x).compile())
     assert ours[0] <= jit[0], f"flops per device: autoshard {ours[0]:,.0f}, jax.jit {jit[0]:,.0f}"
     assert ours[1] <= 1.02 * jit[1], f"memory per device: autoshard {ours[1]:,} B, jax.jit {jit[1]:,} B"

@@ -224,6 +224,45 @@ def candidate_assignments(rule, tensors, axis_sizes, reserved=()) -> list[Assign
     return out
 
 
+def with_spare_axes(candidates, rule, tensors, axis_sizes, reserved=(), allowed=None) -> list[Assignment]:
+    """``candidates`` and, after them, each with one *spare* mesh axis (one that no tensor of the
+    equation carries, split or partial, nor the candidate) added to one factor it divides. Along
+    a spare axis every device holds the operands whole and repeats the op's work: splitting a
+    factor there slices the operands locally (no bytes), divides the work, and leaves the result
+    split (or partial) over it, to be gathered (or reduced) into its layout. The cost model
+    prices that collective against the work saved: the gradient of a weight that a tensor-
+    parallel axis leaves replicated (a language model head under fsdp+tp) runs split over it
+    and is gathered on its reduce-scattered shard, a quarter of the work for the same bytes."""
+    if rule.user:                       # a user's op is split only where its operands are
+        return candidates
+    held = {a for t in tensors if t.layout is not None
+            for a in (*t.layout.split_axes, *(x for x, _ in t.layout.partial))}
+    spare = [a for a in axis_sizes if a not in held and a not in reserved and axis_sizes[a] > 1
+             and (allowed is None or a in allowed)]
+    if not spare:
+        return candidates
+    out, seen = list(candidates), set(candidates)
+    compound = compound_factors(rule)
+    for cand in candidates:
+        taken = {a for ax in cand for a in ax}
+        for a in spare:
+            if a in taken:
+                continue
+            for f, axes in enumerate(cand):
+                if rule.kinds[f] == FactorKind.REPLICATE:
+                    continue
+                v = tuple(ax + (a,) if g == f else ax for g, ax in enumerate(cand))
+                if (rule.sizes[f] % math.prod(axis_sizes[x] for x in v[f]) or v in seen
+                        or axis_conflicts(v, rule)):
+                    continue
+                if f in compound and any(project_back(v, dims, rule.sizes, axis_sizes) is None
+                                         for dims in (*rule.operands, *rule.results)):
+                    continue
+                seen.add(v)
+                out.append(v)
+    return out
+
+
 def relocated(assignment, rule, axis_sizes) -> list[Assignment]:
     """Variants of ``assignment`` that move the axes of a ``replicate`` factor onto another
     unsplit ``pass`` factor of a tensor holding both, where they divide it. Dropping them gathers the
@@ -351,27 +390,29 @@ def clear_caches() -> None:
     _result_partial.cache_clear()
 
 
-def choose(rule, tensors, axis_sizes, links, reserved=(), passed_partial=(), extra=None) -> Choice:
+def choose(rule, tensors, axis_sizes, links, reserved=(), passed_partial=(), extra=None, spare=frozenset()) -> Choice:
     """:func:`choose_uncached`, memoized on everything it reads: repeated layers present the
     same rule and layouts again and again, and propagation revisits equations. With ``extra``
     (an op whose own lowering runs collectives that depend on params the rule does not show,
     as the offsets of a slice) it is not memoized."""
     if extra is not None:
-        return choose_uncached(rule, tensors, axis_sizes, links, reserved, passed_partial, extra)
+        return choose_uncached(rule, tensors, axis_sizes, links, reserved, passed_partial, extra, spare)
     key = (rule.sizes, rule.kinds, rule.operands, rule.results, rule.accumulators, rule.user,
            tuple(d for _, d in rule.linked),
            tuple((t.dims, t.shape, t.itemsize, t.layout, t.priority, t.is_result, t.accumulator,
                   t.keep_partial) for t in tensors),
-           tuple(axis_sizes.items()), tuple(links.items()), frozenset(reserved), tuple(passed_partial))
+           tuple(axis_sizes.items()), tuple(links.items()), frozenset(reserved), tuple(passed_partial), spare)
     hit = _CHOICES.get(key)
     if hit is None:
         if len(_CHOICES) >= _CHOICES_LIMIT:
             _CHOICES.clear()
-        hit = _CHOICES[key] = choose_uncached(rule, tensors, axis_sizes, links, reserved, passed_partial)
+        hit = _CHOICES[key] = choose_uncached(rule, tensors, axis_sizes, links, reserved, passed_partial,
+                                              spare=spare)
     return hit
 
 
-def choose_uncached(rule, tensors, axis_sizes, links, reserved=(), passed_partial=(), extra=None) -> Choice:
+def choose_uncached(rule, tensors, axis_sizes, links, reserved=(), passed_partial=(), extra=None,
+                    spare=frozenset()) -> Choice:
     """The assignment for one equation.
 
     Where the known tensors agree, their merge is taken as is (as Shardy's propagation
@@ -379,7 +420,10 @@ def choose_uncached(rule, tensors, axis_sizes, links, reserved=(), passed_partia
     partial result). Only where they conflict, or the merge is not legal here, are the
     candidates priced and the cheapest taken. ``extra(assignment)``: seconds of the op's own
     collectives under an assignment (``OpRule.priced``); with it, candidates are always priced
-    (moving the rows a slice keeps can cost more than gathering its operand).
+    (moving the rows a slice keeps can cost more than gathering its operand). ``spare``: every
+    tensor's layout is final (insert_collectives): mesh axes (annotated ones; an axis no annotation
+    names stays idle, ``parallelize(idle_axes=...)``) that the priced candidates may also split
+    where no tensor carries them (:func:`with_spare_axes`).
     """
     def cost(a):
         c = assignment_cost(a, rule, tensors, axis_sizes, links, passed_partial)
@@ -393,6 +437,8 @@ def choose_uncached(rule, tensors, axis_sizes, links, reserved=(), passed_partia
                 return Choice(merged, c, False)
     best, best_cost = None, math.inf
     candidates = candidate_assignments(rule, tensors, axis_sizes, reserved)
+    if spare:
+        candidates = with_spare_axes(candidates, rule, tensors, axis_sizes, reserved, spare)
     for cand in candidates:
         c = cost(cand)
         if c is not None and c < best_cost - 1e-18:

@@ -88,7 +88,17 @@ def _plan(src: Layout, dst: Layout, shape, axis_items) -> tuple[Transform, ...]:
     #    wanted next on another dim, else all-gather. An uneven dim keeps nothing unless
     #    it is unchanged: its blocks are padded for the whole axis list, so a prefix of the
     #    list does not describe them; it is gathered whole and cut to its true size.
-    for d in range(len(cur)):
+    #    Pure all-gathers (an axis wanted nowhere in ``dst``) of an even dim that no pending
+    #    reduction lands on wait until after step 2: the reduction then runs on the smaller
+    #    shard (a weight gradient split over an axis its weight is replicated on is
+    #    reduce-scattered, then gathered, not gathered whole and then reduced).
+    pending = {a for a, op in partial.items() if want_partial.get(a) != op and op == "sum"}
+    wanted = {a for axes in dst.dims for a in axes}
+    deferred = [d for d in range(len(cur))
+                if pending and not pending & set(dst.dims[d]) and not uneven(d, src.dims[d])
+                and not uneven(d, dst.dims[d]) and not set(src.dims[d]) & wanted]
+
+    def remove(d):
         keep = 0
         while keep < min(len(cur[d]), len(dst.dims[d])) and cur[d][keep] == dst.dims[d][keep]:
             keep += 1
@@ -117,6 +127,10 @@ def _plan(src: Layout, dst: Layout, shape, axis_items) -> tuple[Transform, ...]:
                     local[d] = shape[d]
                 steps.append(Transform("all-gather", (a,), dim=d, in_shape=before_shape,
                                        src=before, dst=layout_now(), trim=trim))
+
+    for d in range(len(cur)):
+        if d not in deferred:
+            remove(d)
 
     # 2. Resolve partial axes: reduce-scatter onto a dim that wants the axis next, else
     #    all-reduce; all-reduces with the same op over several axes run as one collective.
@@ -157,6 +171,9 @@ def _plan(src: Layout, dst: Layout, shape, axis_items) -> tuple[Transform, ...]:
             del partial[a]
         steps.append(Transform("all-reduce", tuple(axes), op=op, in_shape=before_shape,
                                src=before, dst=layout_now()))
+
+    for d in deferred:
+        remove(d)
 
     # 3. Append wanted axes by slicing locally (free). An uneven dim is padded once, to a
     #    multiple of all the axes it will be split over, before its first slice.

@@ -299,6 +299,20 @@ class _Placer:
         return any(q and {a for a, _ in q} & set(self.canonical(v).split_axes)
                    for v, q in zip(eqn.invars, parts))
 
+    def annotated_axes(self) -> frozenset:
+        """Mesh axes the annotations name (in_specs, out_specs, constraints): the axes an
+        equation may split where none of its tensors does (``factors.with_spare_axes``)."""
+        if getattr(self, "_annotated", None) is None:
+            p, used = self.p, set()
+            for v in p.closed:
+                if not v.is_const:
+                    used |= set(p.layouts[v].split_axes) | set(p.layouts[v].partial_axes)
+            for lay in p.out_specs:
+                if lay is not None:
+                    used |= set(lay.split_axes)
+            self._annotated = frozenset(used)
+        return self._annotated
+
     def equation(self, eqn):
         p = self.p
         self.at = eqn.index
@@ -324,7 +338,7 @@ class _Placer:
             best = None                                    # it splits an axis the partial holds
         if best is None:
             best = choose(fr, tensors, self.sizes, self.links, reserved={a for a, _ in passed},
-                          passed_partial=passed,
+                          passed_partial=passed, spare=self.annotated_axes(),
                           extra=internal_cost(eqn, fr, tensors, self.sizes, self.links)).assignment
         p.assignments[eqn.index] = best
         reduced = result_partial(best, fr)

@@ -34,7 +34,7 @@ def compile(graph, mesh_info, in_specs, out_specs, in_paths, out_paths, auto=Non
     for axis, major in refinements:
         alt = _compile_on(mesh_info.refine(axis, major), *args)
         alt_cost = refine_mesh.cost(alt, rate)
-        if alt_cost < best * (1 - 1e-9) and not alt.pipelines:
+        if alt_cost < best * (1 - 1e-9) and not alt.pipelines and refine_mesh.outputs_on_user_mesh(alt):
             subs = dict(alt.mesh.parents)[axis]
             alt.refine_decision = (
                 f"{axis} split into {' x '.join(subs)} for a reshape that does not divide by {axis} "

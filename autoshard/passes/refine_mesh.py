@@ -82,3 +82,11 @@ def cost(program, compute_rate: float | None = None) -> float:
         if fr is not None and assignment is not None:
             total += trips.get(eqn, 1) * assignment_points(fr.sizes, assignment, sizes) / rate
     return total
+
+
+def outputs_on_user_mesh(program) -> bool:
+    """Whether every output's layout can be written on the mesh the user gave (each refined
+    axis split whole, its sub-axes in order): a plan that would hand back an array split over
+    part of an axis is not taken, since the caller would get arrays on a mesh they never made."""
+    return all(program.mesh.coarsen(axes) is not None
+               for layout in program.out_layouts for axes in layout.dims)

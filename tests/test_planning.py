@@ -15,6 +15,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import autoshard as ash
+from autoshard import compat
 from autoshard.errors import PlanningOnlyError
 from autoshard.models import MODEL_NAMES, get_model, gpt, presets
 from autoshard.report.hlo import parse_collectives
@@ -26,6 +27,12 @@ from autoshard.report.hlo import parse_collectives
 # was one while its last block's backward ran all-to-alls (XLA CPU's tuple buffers); it has none
 # since the head's input gradient stays split over the batch (compiler/factors.py).
 _MEMORY_MODEL_GAPS: dict = {}
+# gpt fsdp_tp on JAX 0.12: XLA 0.12's buffer assignment reuses more of the step's temporaries
+# than report/memory.py models (XLA 0.10's): XLA's temporaries are 198 KiB on 0.12.1 against
+# 211 KiB on 0.10.2 for the same plan, and the estimate is 1.12x XLA's there (1.06x on 0.10.2).
+if compat.JAX_VERSION >= (0, 12):
+    _MEMORY_MODEL_GAPS[("gpt", "fsdp_tp")] = ("memory model: XLA 0.12's temporaries for the fsdp_tp plan "
+                                             "(report/memory.py models XLA 0.10's buffer reuse)")
 
 
 def _pairs():

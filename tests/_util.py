@@ -60,6 +60,13 @@ def kinds(collectives) -> Counter:
     return Counter((c.kind, tuple(c.mesh_axes)) for c in collectives)
 
 
+def flops_memory_wire(compiled, mesh):
+    """``flops_and_memory`` and the wire bytes each device sends (the compiled HLO's collectives
+    on ``mesh``, ring model)."""
+    wire = sum(c.wire_bytes for c in parse_collectives(compiled.as_text(), mesh, strict=False))
+    return (*flops_and_memory(compiled), wire)
+
+
 def flops_and_memory(compiled):
     """Per device: XLA's flops (``cost_analysis()``) and memory (``memory_analysis()``:
     arguments + outputs + temporaries - aliased)."""

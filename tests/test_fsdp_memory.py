@@ -14,19 +14,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import autoshard as ash
 from autoshard.benchmark.measure import BENCH_CONFIGS
 from autoshard.models import get_model, presets
-from autoshard.report.hlo import parse_collectives
 
-from _util import assert_report_matches_hlo
-
-
-def _numbers(compiled, mesh):
-    hlo = parse_collectives(compiled.as_text(), mesh, strict=False)
-    mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    memory = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-              - mem.alias_size_in_bytes)
-    return memory, float(cost["flops"]), sum(c.wire_bytes for c in hlo)
+from _util import assert_report_matches_hlo, flops_memory_wire
 
 
 def test_gpt_fsdp_step_memory_within_jit():
@@ -47,17 +36,16 @@ def test_gpt_fsdp_step_memory_within_jit():
     assert len(regathers) == 5            # the five layernorm scales, for their backward use
     assert sum(c.kind == "all-gather" for c in hlo) == 43
 
-    ours = _numbers(pf.lower(*args).compile(), mesh)
+    flops, memory, wire = flops_memory_wire(pf.lower(*args).compile(), mesh)
     named = lambda specs: jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
                                        is_leaf=lambda s: isinstance(s, P))
     shardings = tuple(pf.input_shardings(*args))
     with jax.set_mesh(mesh):
         jitted = jax.jit(step, in_shardings=(named(pspecs), shardings[1], named(bspecs)))
-        ref = _numbers(jitted.lower(*args).compile(), mesh)
-    memory, flops, wire = ours
-    assert memory <= 1.02 * ref[0], (memory, ref[0])
-    assert flops <= ref[1], (flops, ref[1])
-    assert wire <= ref[2], (wire, ref[2])
+        ref_flops, ref_memory, ref_wire = flops_memory_wire(jitted.lower(*args).compile(), mesh)
+    assert memory <= 1.02 * ref_memory, (memory, ref_memory)
+    assert flops <= ref_flops, (flops, ref_flops)
+    assert wire <= ref_wire, (wire, ref_wire)
 
     got = pf(*args)
     want = jax.jit(step)(*args)

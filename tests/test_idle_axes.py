@@ -11,8 +11,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import autoshard as ash
-from _util import assert_report_matches_hlo, assert_tree_close, mesh
-from autoshard.report.hlo import parse_collectives
+from _util import assert_report_matches_hlo, assert_tree_close, flops_memory_wire, mesh
 
 B, D, H = 128, 32, 64
 LR = 0.1
@@ -43,16 +42,6 @@ FSDP = ({"w1": P("data", None), "b1": P("data"), "w2": P("data", None)},
         {"x": P("data", None), "y": P("data", None)})
 
 
-def _numbers(compiled, m):
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    mem = compiled.memory_analysis()
-    memory = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-              - mem.alias_size_in_bytes)
-    wire = sum(c.wire_bytes for c in parse_collectives(compiled.as_text(), m, strict=False))
-    return cost["flops"], memory, wire
-
-
 def test_fsdp_with_an_idle_axis_splits_the_batch_over_it():
     m = mesh("data=2,model=4")
     params, batch = _args()
@@ -71,10 +60,10 @@ def test_fsdp_with_an_idle_axis_splits_the_batch_over_it():
     model_reductions = [c for c in rep.collectives if c.kind == "all-reduce" and tuple(c.mesh_axes) == ("model",)]
     assert len(model_reductions) == 3, [(c.kind, c.mesh_axes) for c in rep.collectives]
 
-    ours = _numbers(pf.lower(params, batch).compile(), m)
+    ours = flops_memory_wire(pf.lower(params, batch).compile(), m)
     named = jax.tree.map(lambda s: NamedSharding(m, s), FSDP, is_leaf=lambda s: isinstance(s, P))
     with jax.set_mesh(m):
-        jit = _numbers(jax.jit(_step, in_shardings=named).lower(params, batch).compile(), m)
+        jit = flops_memory_wire(jax.jit(_step, in_shardings=named).lower(params, batch).compile(), m)
     assert ours[0] <= jit[0], f"flops per device: autoshard {ours[0]:,.0f}, jax.jit {jit[0]:,.0f}"
     assert ours[1] <= 1.02 * jit[1], f"memory per device: autoshard {ours[1]:,} B, jax.jit {jit[1]:,} B"
     assert ours[2] <= jit[2], f"wire bytes per device: autoshard {ours[2]:,.0f}, jax.jit {jit[2]:,.0f}"
@@ -83,7 +72,7 @@ def test_fsdp_with_an_idle_axis_splits_the_batch_over_it():
     off = ash.parallelize(_step, mesh=m, in_specs=FSDP, out_specs=out_specs, idle_axes=False)
     assert_tree_close(off(params, batch), got, rtol=1e-5, atol=1e-6)
     assert off.report(params, batch).idle_axes == ""
-    assert _numbers(off.lower(params, batch).compile(), m)[0] > 2 * ours[0]
+    assert flops_memory_wire(off.lower(params, batch).compile(), m)[0] > 2 * ours[0]
 
 
 def _plan(pf, *args):
@@ -150,7 +139,7 @@ def _assert_no_worse_than_jit(model, batch_size):
     pf, step, args, jit, m = _model_step(model, batch_size)
     assert_tree_close(pf(*args), jax.jit(step)(*args), rtol=1e-4, atol=1e-5)
     assert "('model',) are idle" in pf.report(*args).idle_axes
-    ours, theirs = _numbers(pf.lower(*args).compile(), m), _numbers(jit, m)
+    ours, theirs = flops_memory_wire(pf.lower(*args).compile(), m), flops_memory_wire(jit, m)
     assert ours[0] <= theirs[0], f"flops per device: autoshard {ours[0]:,.0f}, jax.jit {theirs[0]:,.0f}"
     assert ours[1] <= 1.02 * theirs[1], f"memory per device: autoshard {ours[1]:,} B, jax.jit {theirs[1]:,} B"
     assert ours[2] <= theirs[2], f"wire bytes per device: autoshard {ours[2]:,.0f}, jax.jit {theirs[2]:,.0f}"

@@ -8,8 +8,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import autoshard as ash
-from autoshard.benchmark.measure import _compiled_numbers
-from _util import assert_report_matches_hlo, assert_tree_close, count
+from _util import assert_report_matches_hlo, assert_tree_close, count, flops_and_memory, flops_memory_wire
 
 RNG = np.random.default_rng(0)
 
@@ -32,11 +31,6 @@ def _args(batch=16, d=64, h=64):
 SPECS = (P("data"), P(None, "model"), P("data"))
 
 
-def _memory(compiled):
-    m = compiled.memory_analysis()
-    return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
-
-
 def test_equal_split_of_a_column_parallel_projection_stays_split():
     args = _args()
     mesh = ash.make_mesh("data=2,model=4")
@@ -52,10 +46,11 @@ def test_equal_split_of_a_column_parallel_projection_stays_split():
     with jax.set_mesh(mesh):
         theirs = jax.jit(step, in_shardings=named).lower(*args).compile()
     ours = pf.lower(*args).compile()
-    assert _memory(ours) <= 1.02 * _memory(theirs), (_memory(ours), _memory(theirs))
+    (_, ours_memory), (_, theirs_memory) = flops_and_memory(ours), flops_and_memory(theirs)
+    assert ours_memory <= 1.02 * theirs_memory, (ours_memory, theirs_memory)
     assert ours.cost_analysis()["flops"] <= theirs.cost_analysis()["flops"]
-    ours_n, theirs_n = (_compiled_numbers(c, mesh, 0.0, None, repeats=0) for c in (ours, theirs))
-    assert ours_n.wire_bytes <= theirs_n.wire_bytes, (ours_n.wire_bytes, theirs_n.wire_bytes)
+    ours_wire, theirs_wire = (flops_memory_wire(c, mesh)[2] for c in (ours, theirs))
+    assert ours_wire <= theirs_wire, (ours_wire, theirs_wire)
 
 
 def test_parts_that_do_not_divide_the_axis_are_gathered_as_before():

@@ -165,6 +165,15 @@ class MeshInfo:
             i += len(subs)
         return tuple(out)
 
+    def writable(self, axes) -> tuple[str, ...]:
+        """The longest leading part of ``axes`` (one dim's split, major first) that the user's
+        mesh can write (``coarsen`` is not None): each refined axis there split whole."""
+        axes = tuple(axes)
+        for n in range(len(axes), -1, -1):
+            if self.coarsen(axes[:n]) is not None:
+                return axes[:n]
+        return ()
+
     @property
     def link_models(self) -> dict[str, LinkModel]:
         """``{axis: LinkModel}`` of every mesh axis, in mesh order (what ``cost_model.group_link``

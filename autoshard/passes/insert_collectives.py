@@ -394,12 +394,14 @@ def _place(program, eager) -> set:
     sizes = program.axis_sizes
     program.in_boundary.clear()
     for v in graph.invars:
-        arrive = program.layouts[v].even_part(v.shape, sizes)
+        arrive = _on_user_mesh(program, program.layouts[v]).even_part(v.shape, sizes)
         if arrive != program.layouts[v]:
             program.in_boundary[v] = arrive      # sliced into its layout on arrival (free)
         placer.actual[v] = program.layouts[v]
+    # An output nobody annotated leaves in its planned layout, less what the caller's arrays
+    # cannot hold: that part is gathered here, a reshard the plan's cost counts.
     program.out_layouts = [program.out_specs[k] if program.out_specs[k] is not None
-                           else program.layouts[v].without_partial().even_part(v.shape, sizes)
+                           else _on_user_mesh(program, program.layouts[v].without_partial()).even_part(v.shape, sizes)
                            for k, v in enumerate(graph.outvars)]
     placer.graph(graph, program.out_layouts, [f"output {path}" for path in program.out_paths])
     for eqn in graph.all_eqns():
@@ -408,6 +410,17 @@ def _place(program, eager) -> set:
             for sub, outs in zip(eqn.subgraphs, body_outs):
                 program.region_outputs[id(sub)] = outs
     return placer
+
+
+def _on_user_mesh(program, layout: Layout) -> Layout:
+    """``layout`` as the caller's arrays can hold it: on a refined mesh
+    (passes/refine_mesh.py) a dim split over a refined axis only in part (``model:(1)2`` of
+    ``model``) keeps only the part the user's mesh can write. Inputs arrive that way and are
+    sliced on arrival; outputs leave that way. So a train step's state leaves in the layout it
+    arrives in (the next call takes it as it is), and the caller never sees a sub-axis."""
+    if not program.mesh.parents:
+        return layout
+    return Layout(tuple(program.mesh.writable(axes) for axes in layout.dims), layout.partial)
 
 
 def _stage_axes(program, eqn) -> tuple:

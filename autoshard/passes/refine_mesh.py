@@ -9,8 +9,11 @@ in the same order, so each device keeps its block of ``D`` and the scores are pa
 over the 2-way sub-axis.
 
 ``candidates`` reads a finished plan: a reshape operand or result whose dim of factors
-``(f0)(f1)...`` carries a mesh axis of size n with ``1 < gcd(n, f0) < n`` and
-``n / gcd(n, f0)`` dividing ``f1`` proposes that axis refined ``gcd x n/gcd``. The pipeline
+``(f0)(f1)...`` carries a mesh axis of size n (in its own layout or as a consumer reads it)
+with ``1 < gcd(n, f0) < n`` and ``n / gcd(n, f0)`` dividing ``f1`` proposes that axis refined
+``gcd x n/gcd``. Values nobody annotated enter and leave on the user's mesh
+(``insert_collectives._on_user_mesh``: a part-axis split is sliced on arrival and gathered at
+the output, and the cost counts the gather). The pipeline
 plans again on each refined mesh (``MeshInfo.refine``) and keeps a refined plan only where
 ``cost`` (wire time of every planned collective plus compute, with loop trips) says it is
 cheaper, so a program without such a reshape plans exactly as before.
@@ -46,14 +49,23 @@ def where(program, axis: str, major: int) -> str:
 
 def _asks(program):
     sizes = program.axis_sizes
+    # Where a value is read (equation index, operand number): a reshape's result may keep its
+    # producer's layout and be split only as a consumer reads it (a local slice), as when
+    # ``[.., kv, groups, d] -> [.., heads, d]`` repeats 2 kv heads for 4 query heads split over
+    # model=4: the kv heads stay whole, so what produced them runs on every device of the axis.
+    reads: dict = {}
+    for eqn in program.graph.all_eqns():
+        for i, v in enumerate(eqn.invars):
+            reads.setdefault(v, []).append((eqn.index, i))
     for eqn in program.graph.all_eqns():
         fr = program.rules.get(eqn.index)
         if eqn.prim.name != "reshape" or fr is None:
             continue
         tensors = [(fr.operands[0], eqn.invars[0]), (fr.results[0], eqn.outvars[0])]
         for dims, v in tensors:
-            lay = program.final_layout(v)
-            for fids, axes in zip(dims, lay.dims):
+            layouts = [program.final_layout(v)] + [
+                program.operand_layouts[r] for r in reads.get(v, ()) if r in program.operand_layouts]
+            for fids, axes in ((f, a) for lay in layouts for f, a in zip(dims, lay.dims)):
                 if len(fids) < 2:
                     continue
                 f0, f1 = fr.sizes[fids[0]], fr.sizes[fids[1]]
@@ -87,6 +99,7 @@ def cost(program, compute_rate: float | None = None) -> float:
 def outputs_on_user_mesh(program) -> bool:
     """Whether every output's layout can be written on the mesh the user gave (each refined
     axis split whole, its sub-axes in order): a plan that would hand back an array split over
-    part of an axis is not taken, since the caller would get arrays on a mesh they never made."""
+    part of an axis is not taken, since the caller would get arrays on a mesh they never made.
+    (Outputs nobody annotated are gathered to such a layout when placed; this guards the rest.)"""
     return all(program.mesh.coarsen(axes) is not None
                for layout in program.out_layouts for axes in layout.dims)

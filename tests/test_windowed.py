@@ -121,7 +121,7 @@ def test_uneven_height_split():
     _, hlo = check(conv(), (x, W), (P(None, "model"), None))
     # Halos, then the uneven output leaves gathered (a jax.Array cannot be split unevenly).
     assert count(hlo, "collective-permute") == 2
-    assert [c.shape for c in hlo if c.kind == "all-gather"] == [(2, 5, 12, 8)]
+    assert [c.shape for c in hlo if c.kind == "all-gather"] == [(5, 2, 12, 8)]   # rows first
 
 
 def test_negative_conv_padding():

@@ -3,7 +3,9 @@
 ``apply(x, transforms)`` runs a reshard plan from ``compiler.planner`` inside
 ``jax.shard_map``: one collective per collective transform, local slicing/masking for the free
 ones. Reductions map to ``psum`` / ``pmax`` / ``pmin``; reduce-scatter is
-``psum_scatter(tiled=True)``; gathers and all-to-alls are tiled, so blocks stay contiguous.
+``psum_scatter(tiled=True)``; gathers and all-to-alls are tiled, so blocks stay contiguous. An
+all-gather runs on its gathered dim moved first (:func:`_all_gather`), so the compiled HLO's
+all-gather has that operand (:func:`gathered_first`; the report names it so).
 """
 from __future__ import annotations
 
@@ -40,14 +42,30 @@ def mask_padding(x, dim, axes, axis_sizes, true_size, fill):
     return jnp.where(index < true_size, x, jnp.asarray(fill, dtype=x.dtype))
 
 
+def gathered_first(shape, dim) -> tuple:
+    """``shape`` with ``dim`` moved first: the operand of an all-gather of ``dim`` as
+    :func:`_all_gather` runs it (the shape the compiled HLO's all-gather has)."""
+    shape = tuple(shape)
+    return (shape[dim],) + shape[:dim] + shape[dim + 1:]
+
+
 def _all_gather(x, axis, dim, copy):
-    """Tiled all-gather; the ``copy``-th re-gather of a value runs on it with ``copy`` leading
-    size-1 dims (a bitcast), so XLA, which merges identical collectives (every one of a
-    shard_map program has the same channel id), keeps it apart from the earlier gathers."""
-    if not copy:
-        return lax.all_gather(x, axis, axis=dim, tiled=True)
-    y = lax.all_gather(x.reshape((1,) * copy + x.shape), axis, axis=dim + copy, tiled=True)
-    return y.reshape(y.shape[copy:])
+    """Tiled all-gather of ``dim``, run on that dim moved first. XLA CPU gathers a buffer's
+    major dim only: gathering a minor one, it lays the result out with that dim major and
+    copies it back for each reader, also where the reader would take that layout as it is (a
+    matmul contracting the gathered dim: hidden states ``[T, B, D/n]`` gathered for a
+    vocabulary-parallel head got a ``[D, T*B]`` copy for the logits and a ``[T*B, D]`` one for
+    the weight's gradient, both made when the gather is, XLA CPU scheduling breadth-first).
+    Moved first here, the moves are transposes XLA folds into the readers: the logits matmul
+    reads the gathered buffer itself.
+
+    The ``copy``-th re-gather of a value runs on it with ``copy`` leading size-1 dims (a
+    bitcast), so XLA, which merges identical collectives (every one of a shard_map program
+    has the same channel id), keeps it apart from the earlier gathers."""
+    y = jnp.moveaxis(x, dim, 0) if dim else x
+    y = lax.all_gather(y.reshape((1,) * copy + y.shape), axis, axis=copy, tiled=True)
+    y = y.reshape(y.shape[copy:])
+    return jnp.moveaxis(y, 0, dim) if dim else y
 
 
 def apply(x, transforms, axis_sizes, copy: int = 0):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 
 from .. import compat
+from ..compiler import collectives
 from ..compiler.naming import layer_of
 from ..compiler.planner import transform_bytes, transform_time
 from .fmt import parse_source
@@ -24,7 +25,7 @@ class CollectiveRecord:
     """One collective the plan runs (per device)."""
     kind: str
     mesh_axes: tuple
-    shape: tuple            # per-device operand shape
+    shape: tuple            # per-device operand shape, as the compiled HLO has it
     dtype: str
     payload_bytes: int
     wire_bytes: float
@@ -76,12 +77,23 @@ def collective_records(ctx) -> list[CollectiveRecord]:
             if not t.is_collective:
                 continue
             out.append(CollectiveRecord(
-                t.kind, tuple(sorted(t.axes, key=order.get)), tuple(t.in_shape),
+                t.kind, tuple(sorted(t.axes, key=order.get)), _operand_shape(t, len(r.value.shape)),
                 compat.dtype_name(r.value.dtype), math.prod(t.in_shape) * itemsize,
                 transform_bytes(t, itemsize, sizes), transform_time(t, itemsize, sizes, links),
                 r.reason, r.source, ctx.name_of(r.value), r.consumer, layer,
                 parse_source(r.source)["module"], t.group_size(sizes), r.trips or ctx.trips_of(r.value)))
     return out
+
+
+def _operand_shape(t, rank: int) -> tuple:
+    """The per-device operand of transform ``t`` of a value of rank ``rank`` as lowered: an
+    all-gather runs on its gathered dim moved first (``collectives._all_gather``), after the
+    leading size-1 dims of a re-gather."""
+    shape = tuple(t.in_shape)
+    if t.kind != "all-gather" or len(shape) < rank:
+        return shape
+    lead = len(shape) - rank
+    return shape[:lead] + collectives.gathered_first(shape[lead:], t.dim)
 
 
 def equation_rows(ctx) -> list[EquationRow]:

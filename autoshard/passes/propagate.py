@@ -9,24 +9,29 @@ Each equation takes the cheapest factor assignment given its neighbours' current
 (``compiler.factors.choose``): basic Shardy-style merging where the candidates agree, the
 alpha-beta cost model where they conflict.
 
-Two phases, as Shardy's op-priority propagation lets a ``broadcast_in_dim`` pass splits only
-backward (result to operand) until its last phase: first a broadcast that widens its operand
-(more elements out than in) only takes its layout from its consumers, then, to the fixed point
+Two phases. First a split passes through an element-wise equation (every factor ``pass``:
+element-wise ops, ``broadcast_in_dim``) only to tensors no larger than a split tensor of it:
+a broadcast, explicit or implicit (a size-1 dim against a larger one), takes its result's layout
+from its consumers, not its small operand (as Shardy's op-priority propagation lets a
+``broadcast_in_dim`` pass splits only backward until its last phase). Then, to the fixed point
 again, every equation as above. Taken forward at first sight, the small operand's split
 decides the large result before its consumers speak: a bias split over features (fsdp)
 broadcast to a batch-split activation's shape came out split over features and was moved to
 the batch split in an all-to-all of the activation, where gathering the bias costs a few
 bytes; the input gradient of a head whose weight is split over its input features, broadcast
 by the mean before it, spread that split over a whole activation gradient, which met the
-batch-split forward activations in all-to-alls (more memory and work than jax.jit). With its
-consumers first, the broadcast's result takes their layout and the conflict is settled, by
-cost, on the small operand.
+batch-split forward activations in all-to-alls (more memory and work than jax.jit); a group
+norm's per-sample statistics, multiplied by its scale (``[1, 1, 1, C]``, fsdp-split over
+channels) before the batch split reached them through the broadcast over the group's
+channels, came out split over channels. With the large tensors first, the small operand
+meets their layout and the conflict is settled, by cost, on it.
 """
 from __future__ import annotations
 
 import math
 
 from ..compiler.factors import Tensor, choose, project_back
+from ..compiler.kinds import FactorKind
 from ..compiler.layout import Layout
 from ..compiler.ops import get_rule, local_context
 from ..compiler.planner import LATENCY_WEIGHT_IN_CHOICES, transform_time
@@ -84,11 +89,13 @@ def run(program):
     for eqn in eqns:
         program.rules[eqn.index] = get_rule(eqn).factors(eqn)
     layouts = program.layouts
-    # Broadcasts whose result has more elements than their operand; a unit dim added is no
-    # wider and passes its operand's split forward from the start (a batch split into a lookup).
-    widening = {eqn.index for eqn in eqns if eqn.prim.name == "broadcast_in_dim"
-                and math.prod(eqn.outvars[0].shape) > math.prod(eqn.invars[0].shape)}
-    backward_only = widening
+    # Element-wise equations (every factor pass) whose tensors differ in size: broadcasts.
+    # A unit dim added is no wider: it passes its operand's split on from the start (a batch
+    # split into an embedding lookup).
+    widening = {eqn.index for eqn in eqns
+                if all(k == FactorKind.PASS for k in program.rules[eqn.index].kinds)
+                and len({math.prod(v.shape) for v in (*eqn.invars, *eqn.outvars) if not v.is_const}) > 1}
+    narrowing_only = True
 
     def step(eqn) -> bool:
         tensors = eqn_tensors(program, eqn, layouts.get, with_linked=True)
@@ -101,9 +108,15 @@ def run(program):
                if choice.by_cost else "")
         values = list(eqn.invars) + list(eqn.outvars) + [v for v, _ in fr.linked]
         known = tuple(v for v, t in zip(values, tensors) if t.layout is not None and not v.is_const)
+        largest = None
+        if narrowing_only and eqn.index in widening:
+            # Sizes of the tensors whose splits the choice passes on (a known layout without a
+            # split, as one that a constant operand left whole, passes none).
+            largest = max((math.prod(v.shape) for v, t in zip(values, tensors)
+                           if t.layout is not None and not v.is_const and t.layout.split_axes), default=0)
         changed = False
         for v, t in zip(values, tensors):
-            if v in program.closed or (t.is_result and eqn.index in backward_only):
+            if v in program.closed or (largest is not None and math.prod(v.shape) > largest):
                 continue
             dims = project_back(best, t.dims, fr.sizes, sizes)
             if dims is None:
@@ -150,9 +163,9 @@ def run(program):
 
     sweeps()
     if widening:
-        # The broadcasts now pass splits forward too: they look again (their results may still
-        # be undecided, or conflict with their operands).
-        backward_only = frozenset()
+        # Broadcasts now widen splits too: they look again (what they broadcast to may still be
+        # undecided, or conflict with what they broadcast).
+        narrowing_only = False
         dirty.update(widening)
         sweeps()
     for v in graph.values:

@@ -138,3 +138,37 @@ def test_a_mean_broadcast_keeps_the_input_gradient_batch_split():
     assert flops <= ref_flops, (flops, ref_flops)
     assert wire <= ref_wire, (wire, ref_wire)
     assert_tree_close(pf(*args), jax.jit(step)(*args), rtol=1e-5, atol=1e-5)
+
+
+def test_a_scale_broadcast_does_not_split_per_sample_statistics_over_features():
+    # A group norm: per-sample statistics [B, G], repeated over each group's channels (a
+    # broadcast), times the scale reshaped to [1, 1, C] (fsdp-split over channels: an implicit
+    # broadcast). The statistics get the batch split through their broadcast; left to the
+    # scale, whose split only widens, they would come out split over channels and be moved
+    # back and forth in all-to-alls (1.005x jax.jit's flops, 1.023x its memory here).
+    B, H, C, G = 16, 8, 16, 8
+
+    def step(x, w, scale):
+        def loss(w, scale):
+            h = x @ w                                            # [B, H, C]
+            g = h.reshape(B, H, G, C // G)
+            mean = g.mean(axis=(1, 3))                           # [B, G]
+            var = (g * g).mean(axis=(1, 3)) - mean * mean
+            per_channel = lambda s: jnp.broadcast_to(s[:, :, None], (B, G, C // G)).reshape(B, 1, C)
+            y = (h - per_channel(mean)) * (jax.lax.rsqrt(per_channel(var) + 1e-5) * scale.reshape(1, 1, C))
+            return jnp.sum(jnp.tanh(y) ** 2)
+        gw, gs = jax.grad(loss, argnums=(0, 1))(w, scale)
+        return w - 0.1 * gw, scale - 0.1 * gs
+
+    rng = np.random.default_rng(0)
+    args = (rng.normal(size=(B, H, C)).astype(np.float32),
+            rng.normal(size=(C, C)).astype(np.float32), rng.normal(size=(C,)).astype(np.float32))
+    specs = (P("data"), P("data"), P("data"))
+    pf, (flops, memory, wire), (ref_flops, ref_memory, ref_wire) = _against_jit(step, args, specs, specs[1:])
+
+    report, hlo = assert_report_matches_hlo(pf, *args)
+    assert not [c for c in hlo if c.kind == "all-to-all"]
+    assert memory <= 1.02 * ref_memory, (memory, ref_memory)
+    assert flops <= ref_flops, (flops, ref_flops)
+    assert wire <= ref_wire, (wire, ref_wire)
+    assert_tree_close(pf(*args), jax.jit(step)(*args), rtol=1e-5, atol=1e-5)

@@ -9,21 +9,20 @@ Each equation takes the cheapest factor assignment given its neighbours' current
 (``compiler.factors.choose``): basic Shardy-style merging where the candidates agree, the
 alpha-beta cost model where they conflict.
 
-Two phases. First a split passes through an element-wise equation (every factor ``pass``:
-element-wise ops, ``broadcast_in_dim``) only to tensors no larger than a split tensor of it:
-a broadcast, explicit or implicit (a size-1 dim against a larger one), takes its result's layout
-from its consumers, not its small operand (as Shardy's op-priority propagation lets a
-``broadcast_in_dim`` pass splits only backward until its last phase). Then, to the fixed point
-again, every equation as above. Taken forward at first sight, the small operand's split
-decides the large result before its consumers speak: a bias split over features (fsdp)
-broadcast to a batch-split activation's shape came out split over features and was moved to
-the batch split in an all-to-all of the activation, where gathering the bias costs a few
-bytes; the input gradient of a head whose weight is split over its input features, broadcast
-by the mean before it, spread that split over a whole activation gradient, which met the
-batch-split forward activations in all-to-alls (more memory and work than jax.jit); a group
-norm's per-sample statistics, multiplied by its scale (``[1, 1, 1, C]``, fsdp-split over
-channels) before the batch split reached them through the broadcast over the group's
-channels, came out split over channels. With the large tensors first, the small operand
+Two phases. First a split passes through a broadcast (``broadcast_in_dim``, or an element-wise
+op with an operand of size-1 dims against larger ones) only to tensors no larger than a split
+tensor of it: the broadcast result takes its layout from its consumers, not from its small
+operand (as Shardy's op-priority propagation lets a ``broadcast_in_dim`` pass splits only
+backward until its last phase). Then, to the fixed point again, every equation as above. Taken
+forward at first sight, the small operand's split decides the large result before its consumers
+speak: a bias split over features (fsdp) broadcast to a batch-split activation's shape came out
+split over features and was moved to the batch split in an all-to-all of the activation, where
+gathering the bias costs a few bytes; the input gradient of a head whose weight is split over
+its input features, broadcast by the mean before it, spread that split over a whole activation
+gradient, which met the batch-split forward activations in all-to-alls (more memory and work
+than jax.jit); a group norm's per-sample statistics, multiplied by its scale (``[1, 1, 1, C]``,
+fsdp-split over channels) before the batch split reached them through the broadcast over the
+group's channels, came out split over channels. With the large tensors first, the small operand
 meets their layout and the conflict is settled, by cost, on it.
 """
 from __future__ import annotations
@@ -31,9 +30,9 @@ from __future__ import annotations
 import math
 
 from ..compiler.factors import Tensor, choose, project_back
-from ..compiler.kinds import FactorKind
 from ..compiler.layout import Layout
 from ..compiler.ops import get_rule, local_context
+from ..compiler.ops.elementwise import elementwise_factors
 from ..compiler.planner import LATENCY_WEIGHT_IN_CHOICES, transform_time
 from ..compiler.program import Provenance
 
@@ -89,11 +88,11 @@ def run(program):
     for eqn in eqns:
         program.rules[eqn.index] = get_rule(eqn).factors(eqn)
     layouts = program.layouts
-    # Element-wise equations (every factor pass) whose tensors differ in size: broadcasts.
-    # A unit dim added is no wider: it passes its operand's split on from the start (a batch
-    # split into an embedding lookup).
+    # Broadcasts: ``broadcast_in_dim`` and element-wise ops with an operand of size-1 dims (or
+    # a scalar) against larger ones. A unit dim added is no wider: it passes its operand's split
+    # on from the start (a batch split into an embedding lookup).
     widening = {eqn.index for eqn in eqns
-                if all(k == FactorKind.PASS for k in program.rules[eqn.index].kinds)
+                if (eqn.prim.name == "broadcast_in_dim" or get_rule(eqn).factors is elementwise_factors)
                 and len({math.prod(v.shape) for v in (*eqn.invars, *eqn.outvars) if not v.is_const}) > 1}
     narrowing_only = True
 

@@ -8,12 +8,31 @@ it), so the sweeps terminate; values no annotation reaches are replicated (``def
 Each equation takes the cheapest factor assignment given its neighbours' current layouts
 (``compiler.factors.choose``): basic Shardy-style merging where the candidates agree, the
 alpha-beta cost model where they conflict.
+
+Two phases. First a split passes through a broadcast (``broadcast_in_dim``, or an element-wise
+op with an operand of size-1 dims against larger ones) only to tensors no larger than a split
+tensor of it: the broadcast result takes its layout from its consumers, not from its small
+operand (as Shardy's op-priority propagation lets a ``broadcast_in_dim`` pass splits only
+backward until its last phase). Then, to the fixed point again, every equation as above. Taken
+forward at first sight, the small operand's split decides the large result before its consumers
+speak: a bias split over features (fsdp) broadcast to a batch-split activation's shape came out
+split over features and was moved to the batch split in an all-to-all of the activation, where
+gathering the bias costs a few bytes; the input gradient of a head whose weight is split over
+its input features, broadcast by the mean before it, spread that split over a whole activation
+gradient, which met the batch-split forward activations in all-to-alls (more memory and work
+than jax.jit); a group norm's per-sample statistics, multiplied by its scale (``[1, 1, 1, C]``,
+fsdp-split over channels) before the batch split reached them through the broadcast over the
+group's channels, came out split over channels. With the large tensors first, the small operand
+meets their layout and the conflict is settled, by cost, on it.
 """
 from __future__ import annotations
+
+import math
 
 from ..compiler.factors import Tensor, choose, project_back
 from ..compiler.layout import Layout
 from ..compiler.ops import get_rule, local_context
+from ..compiler.ops.elementwise import elementwise_factors
 from ..compiler.planner import LATENCY_WEIGHT_IN_CHOICES, transform_time
 from ..compiler.program import Provenance
 
@@ -69,6 +88,13 @@ def run(program):
     for eqn in eqns:
         program.rules[eqn.index] = get_rule(eqn).factors(eqn)
     layouts = program.layouts
+    # Broadcasts: ``broadcast_in_dim`` and element-wise ops with an operand of size-1 dims (or
+    # a scalar) against larger ones. A unit dim added is no wider: it passes its operand's split
+    # on from the start (a batch split into an embedding lookup).
+    widening = {eqn.index for eqn in eqns
+                if (eqn.prim.name == "broadcast_in_dim" or get_rule(eqn).factors is elementwise_factors)
+                and len({math.prod(v.shape) for v in (*eqn.invars, *eqn.outvars) if not v.is_const}) > 1}
+    narrowing_only = True
 
     def step(eqn) -> bool:
         tensors = eqn_tensors(program, eqn, layouts.get, with_linked=True)
@@ -81,9 +107,15 @@ def run(program):
                if choice.by_cost else "")
         values = list(eqn.invars) + list(eqn.outvars) + [v for v, _ in fr.linked]
         known = tuple(v for v, t in zip(values, tensors) if t.layout is not None and not v.is_const)
+        largest = None
+        if narrowing_only and eqn.index in widening:
+            # Sizes of the tensors whose splits the choice passes on (a known layout without a
+            # split, as one that a constant operand left whole, passes none).
+            largest = max((math.prod(v.shape) for v, t in zip(values, tensors)
+                           if t.layout is not None and not v.is_const and t.layout.split_axes), default=0)
         changed = False
         for v, t in zip(values, tensors):
-            if v in program.closed:
+            if v in program.closed or (largest is not None and math.prod(v.shape) > largest):
                 continue
             dims = project_back(best, t.dims, fr.sizes, sizes)
             if dims is None:
@@ -118,14 +150,23 @@ def run(program):
                 dirty.update(e.index for e in touching.get(v, ()) if e is not eqn)
         return True
 
-    for _ in range(MAX_SWEEPS):
-        changed = False
-        for eqn in eqns:
-            changed |= visit(eqn)
-        for eqn in reversed(eqns):
-            changed |= visit(eqn)
-        if not changed:
-            break
+    def sweeps():
+        for _ in range(MAX_SWEEPS):
+            changed = False
+            for eqn in eqns:
+                changed |= visit(eqn)
+            for eqn in reversed(eqns):
+                changed |= visit(eqn)
+            if not changed:
+                break
+
+    sweeps()
+    if widening:
+        # Broadcasts now widen splits too: they look again (what they broadcast to may still be
+        # undecided, or conflict with what they broadcast).
+        narrowing_only = False
+        dirty.update(widening)
+        sweeps()
     for v in graph.values:
         if v not in layouts:
             layouts[v] = Layout.replicated(len(v.shape))

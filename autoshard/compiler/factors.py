@@ -51,7 +51,8 @@ class Tensor:
     weight: float = 1.0
     # Propagation only: an open result's layout is not final yet. A candidate that makes it
     # more split than it is now costs no reshard of it (propagation refines it to that), as
-    # for a result without a layout; only settled layouts are targets to reshard into.
+    # for a result without a layout; only settled layouts are targets to reshard into. Every
+    # candidate is charged the bytes it leaves the result held in, as for an undecided one.
     refinable: bool = False
 
 
@@ -369,11 +370,13 @@ def assignment_cost(assignment, rule, tensors, axis_sizes, links, passed_partial
             return None
         if t.is_result:
             produced = want.with_partial(set(reduced) | set(passed_partial))
-            undecided = t.layout is None or (t.refinable and Layout(want.dims).refines(t.layout))
-            target = Layout(want.dims) if undecided else t.layout
+            refined = t.layout is None or (t.refinable and Layout(want.dims).refines(t.layout))
+            target = Layout(want.dims) if refined else t.layout
             cost += t.weight * reshard_time(produced, target, t.shape, t.itemsize, axis_sizes, links)
-            if undecided and links:
-                cost += _undecided_result_time(want, t, axis_sizes, links)
+            if (t.layout is None or t.refinable) and links:
+                # the bytes it will be held in: as made where it can take that layout, else
+                # the layout it keeps (a candidate is not cheaper for leaving it whole)
+                cost += _undecided_result_time(target, t, axis_sizes, links)
         elif t.layout is not None:
             cost += t.weight * reshard_time(t.layout, want, t.shape, t.itemsize, axis_sizes, links)
     return cost + assignment_points(rule.sizes, assignment, axis_sizes) * COMPUTE_SECONDS_PER_POINT

@@ -45,6 +45,15 @@ class Tensor:
     is_result: bool = False
     accumulator: bool = False     # scatter-add operand: must carry the result's partial
     keep_partial: tuple = ()      # (axis, op) pairs this operand passes through to the results
+    # Times its reshard runs per run of the equation: below 1 for a loop-invariant operand
+    # of an equation in a loop body (a weight the loop reads: its reshard is hoisted out of
+    # the loop and runs once, the equation's every trip; ``ir.hoisted_runs``).
+    weight: float = 1.0
+    # Propagation only: an open result's layout is not final yet. A candidate that makes it
+    # more split than it is now costs no reshard of it (propagation refines it to that), as
+    # for a result without a layout; only settled layouts are targets to reshard into. Every
+    # candidate is charged the bytes it leaves the result held in, as for an undecided one.
+    refinable: bool = False
 
 
 def project(dims, layout: Layout, sizes, axis_sizes) -> dict[int, tuple[str, ...]]:
@@ -361,12 +370,15 @@ def assignment_cost(assignment, rule, tensors, axis_sizes, links, passed_partial
             return None
         if t.is_result:
             produced = want.with_partial(set(reduced) | set(passed_partial))
-            target = t.layout if t.layout is not None else Layout(want.dims)
-            cost += reshard_time(produced, target, t.shape, t.itemsize, axis_sizes, links)
-            if t.layout is None and links:
-                cost += _undecided_result_time(want, t, axis_sizes, links)
+            refined = t.layout is None or (t.refinable and Layout(want.dims).refines(t.layout))
+            target = Layout(want.dims) if refined else t.layout
+            cost += t.weight * reshard_time(produced, target, t.shape, t.itemsize, axis_sizes, links)
+            if (t.layout is None or t.refinable) and links:
+                # the bytes it will be held in: as made where it can take that layout, else
+                # the layout it keeps (a candidate is not cheaper for leaving it whole)
+                cost += _undecided_result_time(target, t, axis_sizes, links)
         elif t.layout is not None:
-            cost += reshard_time(t.layout, want, t.shape, t.itemsize, axis_sizes, links)
+            cost += t.weight * reshard_time(t.layout, want, t.shape, t.itemsize, axis_sizes, links)
     return cost + assignment_points(rule.sizes, assignment, axis_sizes) * COMPUTE_SECONDS_PER_POINT
 
 
@@ -400,7 +412,7 @@ def choose(rule, tensors, axis_sizes, links, reserved=(), passed_partial=(), ext
     key = (rule.sizes, rule.kinds, rule.operands, rule.results, rule.accumulators, rule.user,
            tuple(d for _, d in rule.linked),
            tuple((t.dims, t.shape, t.itemsize, t.layout, t.priority, t.is_result, t.accumulator,
-                  t.keep_partial) for t in tensors),
+                  t.keep_partial, t.weight, t.refinable) for t in tensors),
            tuple(axis_sizes.items()), tuple(links.items()), frozenset(reserved), tuple(passed_partial), spare)
     hit = _CHOICES.get(key)
     if hit is None:

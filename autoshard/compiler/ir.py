@@ -246,6 +246,29 @@ def trip_counts(graph: Graph, mult: int = 1, out: dict | None = None) -> dict:
     return out
 
 
+def hoisted_runs(graph: Graph, mult: int = 1, out: dict | None = None) -> dict:
+    """Times per step each loop-body value is made once XLA's loop-invariant code motion has
+    hoisted what it can out of each ``scan``: the body's consts, and what the body computes
+    from them and literals alone (a reshard of a weight the loop reads included), run as often
+    as the loop's own operands; every other body value once per trip (``trip_counts``). A
+    ``while`` loop's count is not known (taken as 1, as there). What is absent runs once."""
+    out = {} if out is None else out
+    for e in graph.eqns:
+        if not e.subgraphs:
+            continue
+        inner = mult * int(e.params.get("length", 1)) if e.prim.name == "scan" else mult
+        nconsts = e.params.get("num_consts", 0) if e.prim.name == "scan" else 0
+        for sub in e.subgraphs:
+            for i, v in enumerate(sub.invars):
+                out[v] = out.get(e.invars[i], 1) if i < nconsts else inner
+            for be in sub.eqns:
+                runs = [out.get(v, 1) for v in be.invars if not v.is_const]
+                hoisted = not be.subgraphs and all(r < inner for r in runs)
+                out.update(dict.fromkeys(be.outvars, max(runs, default=1) if hoisted else inner))
+            hoisted_runs(sub, inner, out)
+    return out
+
+
 def loss_residuals(graph: Graph) -> tuple[set, set]:
     """``(forward, kept)``: the top-level equations the scalar floating outputs (the loss)
     depend on, and the values they make that other top-level equations read (the

@@ -7,9 +7,10 @@ and the lowering read only this object, so they agree by construction.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
-from .ir import Eqn, Graph, Value
+from .ir import Eqn, Graph, Value, hoisted_runs
 from .layout import Layout
 from .mesh import MeshInfo
 from .planner import Transform
@@ -158,6 +159,18 @@ class ShardedProgram:
     idle_decision: str = ""
     # Planned on a refined mesh (passes/refine_mesh.py): which axis became which sub-axes, why.
     refine_decision: str = ""
+
+    @functools.cached_property
+    def loop_runs(self) -> dict:
+        """Times per step each loop-body value is made, loop invariants hoisted
+        (``ir.hoisted_runs``); the graph is fixed once traced."""
+        return hoisted_runs(self.graph)
+
+    @functools.cached_property
+    def wanted_outputs(self) -> frozenset:
+        """Outputs given an out_spec: they must end in it, so their layout is a target from the
+        start (``import_annotations`` seeds it; they stay open to propagation)."""
+        return frozenset(v for v, lay in zip(self.graph.outvars, self.out_specs) if lay is not None)
 
     @property
     def axis_sizes(self) -> dict[str, int]:

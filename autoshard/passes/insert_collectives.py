@@ -25,9 +25,10 @@ from ..compiler.kinds import REDUCTION_KINDS
 from ..compiler.layout import Layout
 from ..compiler.ops import get_rule, local_context, partial_passes
 from ..compiler.ops.constraint import constraint_spec
-from ..compiler.ops.control_flow import region_boundaries
+from ..compiler.ops.control_flow import loop_constants, region_boundaries
 from ..compiler.planner import Transform, plan
 from ..compiler.cost_model import wire_bytes
+from ..compiler.ir import trip_counts
 from ..compiler.program import Fallback, Reshard
 from .propagate import eqn_tensors, internal_cost
 
@@ -53,16 +54,19 @@ def run(program):
     layernorm's output feeds the scale, bias and input gradients: one all-reduce of it
     replaces one per branch)."""
     eager: set = set()
+    hoist: dict = {}
     uses = _use_counts(program)
     for _ in range(MAX_ROUNDS):
-        placer = _place(program, eager)
+        placer = _place(program, eager, hoist)
         reduced = placer.reduced_at_consumer | {v for v in eager if placer.made_partial.get(v)}
         new = {v for v in placer.reduced_at_consumer if uses.get(v, 0) > 1}
         new |= {_earliest_shared(v, placer.partial_source, uses) for v in reduced}
         new = {v for v in new if v is not None} - eager
-        if not new:
+        hoisted = _hoisted(program)
+        if not new and hoisted == hoist:
             break
         eager |= new
+        hoist = hoisted
     _per_microbatch(program)
     return program
 
@@ -111,8 +115,8 @@ def _use_counts(program):
 class _Placer:
     """One placement of the whole program (nested bodies included)."""
 
-    def __init__(self, program, eager):
-        self.p, self.eager = program, eager
+    def __init__(self, program, eager, hoist):
+        self.p, self.eager, self.hoist = program, eager, hoist
         mesh = program.mesh
         self.axes, self.sizes = mesh.axis_names, program.axis_sizes
         self.links = mesh.link_models
@@ -126,6 +130,7 @@ class _Placer:
         self.copy_use: dict = {}         # (value, layout) -> (copy, last consumer's Eqn.index, its name)
         self.depth = 0                   # > 0 inside a loop/branch body
         self.at = -1                     # Eqn.index of the equation being placed
+        self.trips = trip_counts(program.graph)
         self.users: dict = {}            # value -> equations of the program's graph reading it
         for e in program.graph.eqns:
             for w in e.invars:
@@ -153,7 +158,12 @@ class _Placer:
         reached.update(t.dst for t in steps)
         if start == len(steps):
             return
-        self.p.reshards.append(Reshard(v, steps[start].src, dst, steps[start:], reason, source, consumer))
+        # A loop-invariant value's reshard is hoisted out of the loop with it (XLA's
+        # loop-invariant code motion): it runs as often as the value is made, not every trip.
+        runs = self.p.loop_runs.get(v, 1)
+        hoisted = runs if runs < self.trips.get(v, 1) else 0
+        self.p.reshards.append(Reshard(v, steps[start].src, dst, steps[start:], reason, source, consumer,
+                                       trips=hoisted))
 
     def origin(self, v) -> str:
         e = self.producer.get(v)
@@ -250,6 +260,9 @@ class _Placer:
     def region(self, eqn):
         pipe = self.p.pipelines.get(eqn.index)
         ins, outs, body_outs = region_boundaries(eqn, self.canonical, _stage_axes(self.p, eqn))
+        for i, bv in loop_constants(eqn):
+            if bv in self.hoist:          # resharded once at the boundary (_hoisted)
+                ins[i] = self.p.produced[bv] = self.hoist[bv]
         self.at = eqn.index
         where = f"{eqn.prim.name} at {eqn.source}"
         self.p.assignments[eqn.index] = ()
@@ -257,7 +270,7 @@ class _Placer:
             self.require(eqn, i, v, want, f"{where} (loop/branch input {i})")
         for sub, sub_outs in zip(eqn.subgraphs, body_outs):
             for v in sub.invars:
-                self.actual[v] = self.canonical(v)
+                self.actual[v] = self.hoist.get(v, self.canonical(v))
             self.depth += 1
             self.graph(sub, sub_outs, [f"body output {k} of {where}" for k in range(len(sub_outs))])
             self.depth -= 1
@@ -380,7 +393,30 @@ class _Placer:
         self.p.fallbacks.append(Fallback(eqn.prim.name, eqn.source, eqn.index, reshards, wire, whole))
 
 
-def _place(program, eager) -> set:
+def _hoisted(program) -> dict:
+    """Loop constants to reshard at the loop's boundary: body input -> the one layout every
+    consumer in the body takes it in, where that is not the layout it enters with. Done in the
+    loop, that reshard would run on every trip (XLA's loop-invariant code motion hoists it on
+    CPU, but nothing promises it); at the boundary it runs once, and loops reading the same
+    weight (a scan's forward and its transpose) share the copy."""
+    out = {}
+    for eqn in program.graph.all_eqns():
+        if eqn.index in program.pipelines:
+            continue
+        for _, bv in loop_constants(eqn):
+            graph = next(g for g in eqn.subgraphs if bv in g.invars)
+            if bv in graph.outvars:
+                continue
+            wants = {program.operand_layouts[(e.index, k)] for e in graph.eqns
+                     for k, w in enumerate(e.invars) if w is bv}
+            if len(wants) == 1:
+                (want,) = wants
+                if not want.partial and want != program.layouts[bv]:
+                    out[bv] = want
+    return out
+
+
+def _place(program, eager, hoist) -> set:
     program.assignments.clear()
     program.operand_layouts.clear()
     program.produced.clear()
@@ -389,7 +425,7 @@ def _place(program, eager) -> set:
     program.copies.clear()
     program.fallbacks.clear()
     program.region_outputs.clear()
-    placer = _Placer(program, eager)
+    placer = _Placer(program, eager, hoist)
     graph = program.graph
     sizes = program.axis_sizes
     program.in_boundary.clear()

@@ -40,17 +40,27 @@ name = "propagate"
 MAX_SWEEPS = 8
 
 
-def eqn_tensors(program, eqn, layout_of, with_linked=False):
-    """The chooser's view of one equation's operands and results."""
+def eqn_tensors(program, eqn, layout_of, with_linked=False, refinable=False):
+    """The chooser's view of one equation's operands and results. In a loop body, an operand
+    the loop does not vary (``ir.hoisted_runs``) is weighted by how much less often it is
+    made than the equation runs: its reshard is hoisted out of the loop with it. Priced per
+    trip instead, gathering a scan's weight once looks as dear as gathering the activations
+    every trip (an LSTM's gates then run column-parallel on gathered activations).
+    ``refinable`` (propagation): open results other than outputs with an out_spec may still be
+    split further (``Tensor.refinable``); in ``insert_collectives`` every layout is final."""
     fr = program.rules[eqn.index]
+    runs, wanted = program.loop_runs, program.wanted_outputs
+    here = max((runs.get(o, 1) for o in eqn.outvars), default=1)
     tensors = []
     for i, v in enumerate(eqn.invars):
         lay = layout_of(v)
         tensors.append(Tensor(fr.operands[i], v.shape, v.dtype.itemsize, lay,
-                              0 if v in program.closed else 1, accumulator=i in fr.accumulators))
+                              0 if v in program.closed else 1, accumulator=i in fr.accumulators,
+                              weight=min(1.0, runs.get(v, 1) / here)))
     for j, v in enumerate(eqn.outvars):
         tensors.append(Tensor(fr.results[j], v.shape, v.dtype.itemsize, program.layouts.get(v),
-                              0 if v in program.closed else 1, is_result=True))
+                              0 if v in program.closed else 1, is_result=True,
+                              refinable=refinable and v not in program.closed and v not in wanted))
     if with_linked:
         for v, dims in fr.linked:
             tensors.append(Tensor(dims, v.shape, v.dtype.itemsize, layout_of(v),
@@ -81,6 +91,20 @@ def _values(program, eqn):
     return (*eqn.invars, *eqn.outvars, *(v for v, _ in program.rules[eqn.index].linked))
 
 
+def _sweep_order(graph):
+    """Equations in program order, a region equation (loop, branch) once before its bodies and
+    once after them: its results then carry what the body decided before their consumers are
+    visited. (Visited only before, its first look stamps a loop's outputs replicated, and a
+    dot reading them merged in the fsdp split of its weight's contracted dim, spreading it
+    over the activations it meets.)"""
+    for eqn in graph.eqns:
+        yield eqn
+        if eqn.subgraphs:
+            for sub in eqn.subgraphs:
+                yield from _sweep_order(sub)
+            yield eqn
+
+
 def run(program):
     graph, mesh = program.graph, program.mesh
     sizes, links = program.axis_sizes, mesh.link_models
@@ -97,7 +121,7 @@ def run(program):
     narrowing_only = True
 
     def step(eqn) -> bool:
-        tensors = eqn_tensors(program, eqn, layouts.get, with_linked=True)
+        tensors = eqn_tensors(program, eqn, layouts.get, with_linked=True, refinable=True)
         if all(t.layout is None for t in tensors):
             return False
         fr = program.rules[eqn.index]
@@ -150,12 +174,14 @@ def run(program):
                 dirty.update(e.index for e in touching.get(v, ()) if e is not eqn)
         return True
 
+    order = list(_sweep_order(graph))
+
     def sweeps():
         for _ in range(MAX_SWEEPS):
             changed = False
-            for eqn in eqns:
+            for eqn in order:
                 changed |= visit(eqn)
-            for eqn in reversed(eqns):
+            for eqn in reversed(order):
                 changed |= visit(eqn)
             if not changed:
                 break

@@ -155,6 +155,21 @@ def region_boundaries(eqn, layout_of, stage_axes=()):
     return [layout_of(v) for v in body.invars], outs, [outs]
 
 
+def loop_constants(eqn) -> list:
+    """``(operand index, body input)`` for each loop constant of a ``scan`` or ``while``
+    (every trip reads the same value); none for branches and remat, whose inputs are read
+    once."""
+    p = eqn.params
+    if eqn.prim.name == "scan":
+        (body,) = eqn.subgraphs
+        return [(i, body.invars[i]) for i in range(p["num_consts"])]
+    if eqn.prim.name == "while":
+        cn, bn = p["cond_nconsts"], p["body_nconsts"]
+        cond, body = eqn.subgraphs
+        return [(i, cond.invars[i]) for i in range(cn)] + [(cn + i, body.invars[i]) for i in range(bn)]
+    return []
+
+
 def region_input_layouts(eqn, layout_of):
     """Layouts the body graphs' inputs have (their canonical layouts), per body."""
     return [[layout_of(v) for v in sub.invars] for sub in eqn.subgraphs]

@@ -5,11 +5,11 @@ reads) would make XLA CPU store its broadcast to activation size from the forwar
 backward; insert_collectives re-gathers it for that consumer instead (as XLA's own partitioner
 does), which the report lists and the HLO shows.
 
-A broadcast that widens a small fsdp-split value (a bias over features, a pooled gradient over
-features) takes its layout from its consumers before its operand's split (passes/propagate.py):
-taken from the operand first, the activation-sized result came out split over features and met
-the batch-split activations in all-to-alls (haiku's transformer: the biases; the CNN: its head's
-input gradient, broadcast back over height and width by the mean).
+A broadcast that widens a small fsdp-split value (a bias or a norm scale over features, a pooled
+gradient over features) takes its layout from its consumers before its operand's split
+(passes/propagate.py): taken from the operand first, the activation-sized result came out split
+over features and met the batch-split activations in all-to-alls (haiku's transformer: the
+biases; the CNN: its head's input gradient, broadcast back over height and width by the mean).
 """
 from __future__ import annotations
 

@@ -66,7 +66,7 @@ def test_vocabulary_50257_split_8_ways():
     # gathered once, at the output: a jax.Array cannot be split unevenly.)
     report = pf.report(h, w, labels)
     gathers = [c for c in report.collectives if c.kind == "all-gather"]
-    assert [(c.shape, c.value) for c in gathers] == [((-(-vocab // 8), d), "out[1][1]")]  # vocab first
+    assert [(c.shape, c.value) for c in gathers] == [((d, -(-vocab // 8)), "out[1][1]")]
 
 
 def test_six_heads_over_four_devices():

@@ -4,8 +4,8 @@
 ``jax.shard_map``: one collective per collective transform, local slicing/masking for the free
 ones. Reductions map to ``psum`` / ``pmax`` / ``pmin``; reduce-scatter is
 ``psum_scatter(tiled=True)``; gathers and all-to-alls are tiled, so blocks stay contiguous. An
-all-gather runs on its gathered dim moved first (:func:`_all_gather`), so the compiled HLO's
-all-gather has that operand (:func:`gathered_first`; the report names it so).
+all-gather of a minor dim of a tensor of rank 3 or more runs on that dim moved first
+(:func:`_all_gather`), so the compiled HLO's all-gather has that operand (:func:`gathered_first`; the report names it so).
 """
 from __future__ import annotations
 
@@ -42,10 +42,20 @@ def mask_padding(x, dim, axes, axis_sizes, true_size, fill):
     return jnp.where(index < true_size, x, jnp.asarray(fill, dtype=x.dtype))
 
 
+def moves_first(rank: int, dim: int) -> bool:
+    """Whether :func:`_all_gather` moves ``dim`` first: a minor dim of a tensor of rank 3 or
+    more. A matrix is gathered in place: XLA reads a transposed matrix in a dot as it is, and a
+    transpose after the gather would be a copy into which XLA duplicates the gathered value's
+    element-wise producer, once per reader (an optimizer update gathered for its output)."""
+    return dim > 0 and rank >= 3
+
+
 def gathered_first(shape, dim) -> tuple:
-    """``shape`` with ``dim`` moved first: the operand of an all-gather of ``dim`` as
-    :func:`_all_gather` runs it (the shape the compiled HLO's all-gather has)."""
+    """The operand of an all-gather of ``dim`` of ``shape`` as :func:`_all_gather` runs it
+    (the shape the compiled HLO's all-gather has)."""
     shape = tuple(shape)
+    if not moves_first(len(shape), dim):
+        return shape
     return (shape[dim],) + shape[:dim] + shape[dim + 1:]
 
 
@@ -62,10 +72,11 @@ def _all_gather(x, axis, dim, copy):
     The ``copy``-th re-gather of a value runs on it with ``copy`` leading size-1 dims (a
     bitcast), so XLA, which merges identical collectives (every one of a shard_map program
     has the same channel id), keeps it apart from the earlier gathers."""
-    y = jnp.moveaxis(x, dim, 0) if dim else x
-    y = lax.all_gather(y.reshape((1,) * copy + y.shape), axis, axis=copy, tiled=True)
+    moved = moves_first(x.ndim, dim)
+    y = jnp.moveaxis(x, dim, 0) if moved else x
+    y = lax.all_gather(y.reshape((1,) * copy + y.shape), axis, axis=copy + (0 if moved else dim), tiled=True)
     y = y.reshape(y.shape[copy:])
-    return jnp.moveaxis(y, 0, dim) if dim else y
+    return jnp.moveaxis(y, 0, dim) if moved else y
 
 
 def apply(x, transforms, axis_sizes, copy: int = 0):

@@ -5,6 +5,7 @@ from collections import Counter
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 import autoshard as ash
 from autoshard.compiler.mesh import refined_mesh
@@ -65,6 +66,16 @@ def flops_memory_wire(compiled, mesh):
     on ``mesh``, ring model)."""
     wire = sum(c.wire_bytes for c in parse_collectives(compiled.as_text(), mesh, strict=False))
     return (*flops_and_memory(compiled), wire)
+
+
+def against_jit(pf, fn, mesh, specs, *args):
+    """``flops_memory_wire`` of autoshard's compiled ``pf`` and of ``jax.jit(fn)`` given the same
+    annotations (``specs``, a pytree of PartitionSpecs for ``args``) as ``NamedSharding``s."""
+    named = jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                         is_leaf=lambda s: isinstance(s, PartitionSpec))
+    with jax.set_mesh(mesh):
+        theirs = jax.jit(fn, in_shardings=named).lower(*args).compile()
+    return flops_memory_wire(pf.lower(*args).compile(), mesh), flops_memory_wire(theirs, mesh)
 
 
 def flops_and_memory(compiled):

@@ -12,10 +12,10 @@ first, the logits matmul reads the gathered buffer itself. (equinox/gru_lm on tp
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 import autoshard as ash
-from _util import assert_report_matches_hlo, assert_tree_close, flops_memory_wire
+from _util import assert_report_matches_hlo, assert_tree_close, against_jit
 
 T, B, H, V = 16, 16, 32, 64
 
@@ -49,11 +49,7 @@ def test_gathered_hidden_states_feed_the_head_without_a_copy():
     # The report names the gather's operand as the HLO has it: H (split 4 ways) first.
     _, hlo = assert_report_matches_hlo(pf, *args)
     assert ("all-gather", ("model",), (H // 4, T, B // 2)) in [(c.kind, c.mesh_axes, c.shape) for c in hlo]
-    named = tuple(NamedSharding(mesh, s) for s in SPECS)
-    with jax.set_mesh(mesh):
-        theirs = jax.jit(step, in_shardings=named).lower(*args).compile()
-    ours = pf.lower(*args).compile()
-    (of, om, ow), (tf, tm, tw) = flops_memory_wire(ours, mesh), flops_memory_wire(theirs, mesh)
+    (of, om, ow), (tf, tm, tw) = against_jit(pf, step, mesh, SPECS, *args)
     assert of <= tf and ow <= tw, ((of, tf), (ow, tw))
     # jax.jit holds XLA's copy of its gathered states for the logits next to the gather; the
     # gather on H as it lies held it too (0.999x jit's memory).

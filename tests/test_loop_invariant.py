@@ -20,10 +20,10 @@ once settled: the loop runs batch-parallel with the weight gathered once, as jax
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 import autoshard as ash
-from _util import assert_report_matches_hlo, assert_tree_close, count, flops_memory_wire
+from _util import assert_report_matches_hlo, assert_tree_close, against_jit, count
 
 T, B, D, H, V = 16, 16, 32, 32, 64
 
@@ -69,11 +69,7 @@ def test_fsdp_lstm_gathers_its_weight_once_not_the_activations_every_trip():
     assert_tree_close(pf(*args), step(*args), rtol=1e-5, atol=1e-6)
     _, hlo = assert_report_matches_hlo(pf, *args)
     assert count(hlo, "collective-permute") == 0, "the gates run on the batch split: no gate columns move"
-    named = jax.tree.map(lambda s: NamedSharding(mesh, s), SPECS, is_leaf=lambda s: isinstance(s, P))
-    with jax.set_mesh(mesh):
-        theirs = jax.jit(step, in_shardings=named).lower(*args).compile()
-    ours = pf.lower(*args).compile()
-    (of, om, ow), (tf, tm, tw) = flops_memory_wire(ours, mesh), flops_memory_wire(theirs, mesh)
+    (of, om, ow), (tf, tm, tw) = against_jit(pf, step, mesh, SPECS, *args)
     assert of <= tf, (of, tf)
     assert om <= 1.02 * tm, (om, tm)
     assert ow <= tw, (ow, tw)

@@ -5,10 +5,10 @@ and every part computed (and held for the backward pass) on every device."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 import autoshard as ash
-from _util import assert_report_matches_hlo, assert_tree_close, count, flops_and_memory, flops_memory_wire
+from _util import assert_report_matches_hlo, assert_tree_close, against_jit, count
 
 RNG = np.random.default_rng(0)
 
@@ -42,15 +42,10 @@ def test_equal_split_of_a_column_parallel_projection_stays_split():
     gates = [r for r in report.equations if r.op == "split"][0]
     assert all("S(" in res.split(",", 2)[-1] for res in gates.results), gates.results
     # Memory and work as jax.jit's own propagation with the same annotations.
-    named = tuple(NamedSharding(mesh, s) for s in SPECS)
-    with jax.set_mesh(mesh):
-        theirs = jax.jit(step, in_shardings=named).lower(*args).compile()
-    ours = pf.lower(*args).compile()
-    (_, ours_memory), (_, theirs_memory) = flops_and_memory(ours), flops_and_memory(theirs)
-    assert ours_memory <= 1.02 * theirs_memory, (ours_memory, theirs_memory)
-    assert ours.cost_analysis()["flops"] <= theirs.cost_analysis()["flops"]
-    ours_wire, theirs_wire = (flops_memory_wire(c, mesh)[2] for c in (ours, theirs))
-    assert ours_wire <= theirs_wire, (ours_wire, theirs_wire)
+    ours, theirs = against_jit(pf, step, mesh, SPECS, *args)
+    assert ours[1] <= 1.02 * theirs[1], ("memory", ours, theirs)
+    assert ours[0] <= theirs[0], ("flops", ours, theirs)
+    assert ours[2] <= theirs[2], ("wire bytes", ours, theirs)
 
 
 def test_parts_that_do_not_divide_the_axis_are_gathered_as_before():

@@ -15,6 +15,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 import autoshard as ash
+from autoshard import compat
 from _util import assert_report_matches_hlo, assert_tree_close, against_jit
 
 T, B, H, V = 16, 16, 32, 64
@@ -51,6 +52,9 @@ def test_gathered_hidden_states_feed_the_head_without_a_copy():
     assert ("all-gather", ("model",), (H // 4, T, B // 2)) in [(c.kind, c.mesh_axes, c.shape) for c in hlo]
     (of, om, ow), (tf, tm, tw) = against_jit(pf, step, mesh, SPECS, *args)
     assert of <= tf and ow <= tw, ((of, tf), (ow, tw))
-    # jax.jit holds XLA's copy of its gathered states for the logits next to the gather; the
-    # gather on H as it lies held it too (0.999x jit's memory).
-    assert om <= 0.95 * tm, (om, tm)
+    # XLA before JAX 0.12 copies a gather of a minor dim for its readers: jax.jit holds that
+    # copy of its gathered states next to the gather, and the gather on H as it lies held it
+    # too (0.999x jit's memory). XLA 0.12 reads the gathered buffer as it is, for jit and for
+    # either gather of ours alike (equal memory).
+    bound = 1.0 if compat.JAX_VERSION >= (0, 12) else 0.95
+    assert om <= bound * tm, (om, tm)
